@@ -1,0 +1,178 @@
+"""
+The ``reponotify`` command.
+
+``operator`` runs the kopf operator with the receiver in the same process;
+``standalone`` runs the same core from a folder of YAML, without a cluster;
+``crd`` prints the CRD; ``send`` posts an event (a command-line client);
+``demo`` runs the end-to-end demo on the embedded examples.
+
+Every option also reads ``REPONOTIFY_<OPTION>`` (``--state-dir`` and
+``REPONOTIFY_STATE_DIR``), so containers and the Helm chart configure it alike.
+"""
+import asyncio
+import json
+import logging
+import pathlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from reponotify.config import ReceiverSettings, Settings
+from reponotify.dispatcher import DispatcherSettings, parse_schedule
+from reponotify.engine import EngineSettings
+from reponotify.events import EVENT_NAMES, sample_payload
+
+F = Callable[..., Any]
+
+
+def option(*names: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option that also reads ``REPONOTIFY_<LONG_NAME>``."""
+    long_name = next(name for name in names if name.startswith('--'))
+    envvar = 'REPONOTIFY_' + long_name[2:].upper().replace('-', '_')
+    return click.option(*names, envvar=envvar, show_envvar=True, **kwargs)
+
+
+def _schedule(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
+    try:
+        return parse_schedule(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def common_options(function: F) -> F:
+    decorators = [
+        option('--host', default='0.0.0.0', show_default=True, help="Address the receiver listens on."),
+        option('--port', type=click.IntRange(0, 65535), default=8080, show_default=True,
+               help="Port of the receiver."),
+        option('--token-file', type=click.Path(dir_okay=False, path_type=pathlib.Path),
+               help="File holding the bearer token required on event endpoints."),
+        option('--token', help="The bearer token itself (prefer --token-file: command lines are visible)."),
+        option('--state-dir', type=click.Path(file_okay=False, path_type=pathlib.Path),
+               default=pathlib.Path('.reponotify'), show_default=True, help="Folder for state files."),
+        option('--retry-schedule', default='5s,5m,30m,2h', show_default=True, callback=_schedule,
+               help="Delays before each retry of a failed delivery (full jitter applies)."),
+        option('--workers', type=click.IntRange(1, 10_000), default=64, show_default=True,
+               help="Concurrent delivery attempts."),
+        option('--timeout', type=click.FloatRange(0.1, 300), default=10.0, show_default=True,
+               help="Seconds before a delivery attempt times out."),
+        option('--status-interval', type=click.FloatRange(0.0, 3600), default=1.0, show_default=True,
+               help="At most one status write per notification per this many seconds."),
+        option('--log-level', type=click.Choice(['debug', 'info', 'warning', 'error']), default='info',
+               show_default=True, help="Logging verbosity."),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def build_settings(host: str, port: int, token_file: pathlib.Path | None, token: str | None,
+                   state_dir: pathlib.Path, retry_schedule: tuple[float, ...], workers: int, timeout: float,
+                   status_interval: float, **_: Any) -> Settings:
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {token_file}: {exc.strerror}", param_hint='--token-file')
+        if not token:
+            raise click.BadParameter(f"{token_file} is empty", param_hint='--token-file')
+    return Settings(
+        receiver=ReceiverSettings(host=host, port=port, token=token or None),
+        engine=EngineSettings(
+            dispatcher=DispatcherSettings(workers=workers, retry_schedule=retry_schedule, timeout=timeout),
+            status_interval=status_interval),
+        state_dir=state_dir,
+    )
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format='%(asctime)s %(levelname)-7s %(name)s: %(message)s')
+    logging.getLogger('aiohttp.access').setLevel(logging.WARNING)
+
+
+@click.group(context_settings={'help_option_names': ['-h', '--help'], 'max_content_width': 110})
+@click.version_option(package_name='reponotify')
+def main() -> None:
+    """Quay-style repository notifications for any container registry."""
+
+
+@main.command()
+@common_options
+@option('--namespace', 'namespaces', multiple=True,
+        help="Watch only this namespace (repeatable); default: all namespaces.")
+@option('--liveness', default='http://0.0.0.0:8081/healthz', show_default=True,
+        help="kopf's liveness endpoint URL (empty to disable).")
+@option('--kube-api-url', help="Use this API server URL without credentials (development and tests).")
+def operator(namespaces: tuple[str, ...], liveness: str, kube_api_url: str | None, log_level: str,
+             **kwargs: Any) -> None:
+    """Run the Kubernetes operator and the receiver."""
+    from reponotify.kube.handlers import OperatorSettings, run_operator
+
+    _configure_logging(log_level)
+    settings = build_settings(**kwargs)
+    options = OperatorSettings(common=settings, kube_api_url=kube_api_url)
+    asyncio.run(run_operator(options, namespaces=list(namespaces), liveness_endpoint=liveness or None))
+
+
+@main.command()
+@common_options
+@option('--manifests', type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path), required=True,
+        help="Folder of RepositoryNotification (and Secret) YAML files.")
+def standalone(manifests: pathlib.Path, log_level: str, **kwargs: Any) -> None:
+    """Run the receiver and deliveries from a folder of YAML, without a cluster."""
+    from reponotify.standalone import ManifestError, run_standalone
+
+    _configure_logging(log_level)
+    try:
+        asyncio.run(run_standalone(build_settings(**kwargs), manifests))
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+def crd() -> None:
+    """Print the CustomResourceDefinition YAML."""
+    from reponotify.crd import crd_yaml
+
+    click.echo(crd_yaml(), nl=False)
+
+
+@main.command()
+@click.argument('event', type=click.Choice(EVENT_NAMES))
+@option('--url', default='http://localhost:8080', show_default=True, help="The receiver's base URL.")
+@option('--payload', type=click.File('rb'), help="JSON payload file ('-' for stdin); default: the sample.")
+@option('--repository', help="With the sample payload: the repository to send it for.")
+@option('--token-file', type=click.Path(dir_okay=False, exists=True, path_type=pathlib.Path),
+        help="File holding the receiver's bearer token.")
+@option('--idempotency-key', help="Idempotency-Key header: the same key is accepted once.")
+def send(event: str, url: str, payload: Any, repository: str | None, token_file: pathlib.Path | None,
+         idempotency_key: str | None) -> None:
+    """Post one event to a receiver and print its answer."""
+    import httpx
+
+    body = payload.read() if payload is not None else json.dumps(sample_payload(event, repository)).encode()
+    headers = {'Content-Type': 'application/json'}
+    if token_file is not None:
+        headers['Authorization'] = f'Bearer {token_file.read_text().strip()}'
+    if idempotency_key:
+        headers['Idempotency-Key'] = idempotency_key
+    try:
+        response = httpx.post(f"{url.rstrip('/')}/v1/events/{event}", content=body, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"could not reach {url}: {exc}") from None
+    click.echo(response.text)
+    if response.status_code >= 400:
+        sys.exit(1)
+
+
+@main.command()
+@option('--manifests', type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+        default=None, help="Folder of notifications to run the demo on (default: the embedded examples).")
+def demo(manifests: pathlib.Path | None) -> None:
+    """Run the end-to-end demo: standalone mode, a local target, the seven Quay sample events."""
+    from reponotify.demo import run_demo
+
+    _configure_logging('warning')
+    sys.exit(asyncio.run(run_demo(manifests)))
+

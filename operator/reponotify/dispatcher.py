@@ -1,0 +1,146 @@
+"""
+The dispatcher: workers that take due deliveries from the outbox and deliver them.
+
+For each attempt it looks the notification up again (so a deleted or changed
+resource is honoured even for deliveries queued earlier), drops deliveries of
+disabled notifications (recorded, never silently lost), calls the method, and
+records the outcome in the status book. Failed attempts are retried on a
+schedule with full jitter (``Retry-After`` is honoured when longer); Quay's
+rule that 3 consecutive failed attempts disable the notification holds across
+all of its deliveries.
+"""
+import asyncio
+import dataclasses
+import logging
+import random
+import re
+import time
+
+import aiohttp
+
+from reponotify.methods import AttemptResult, DeliveryContext
+from reponotify.methods.base import DEFAULT_TIMEOUT
+from reponotify.models import DeliveryOutcome
+from reponotify.notifications import Notification
+from reponotify.outbox import MemoryOutbox, PendingDelivery
+from reponotify.routing import RoutingTable
+from reponotify.status import DeliveryRecord, StatusBook
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0)
+
+_DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$')
+_UNITS = {'ms': 0.001, 's': 1.0, 'm': 60.0, 'h': 3600.0, None: 1.0}
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """Parse a retry schedule like ``5s,5m,30m,2h`` (an empty string means: never retry)."""
+    delays = []
+    for part in filter(None, (piece.strip() for piece in text.split(','))):
+        match = _DURATION.match(part)
+        if not match:
+            raise ValueError(f"{part!r} is not a duration (examples: 500ms, 5s, 5m, 2h)")
+        delays.append(float(match.group(1)) * _UNITS[match.group(2)])
+    return tuple(delays)
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatcherSettings:
+    workers: int = 64
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    timeout: float = DEFAULT_TIMEOUT
+
+
+class Dispatcher:
+    """Delivers what the outbox holds, with retries, recording every outcome."""
+
+    def __init__(
+            self,
+            outbox: MemoryOutbox,
+            routing: RoutingTable,
+            book: StatusBook,
+            settings: DispatcherSettings = DispatcherSettings(),
+    ) -> None:
+        self._outbox = outbox
+        self._routing = routing
+        self._book = book
+        self._settings = settings
+        self._http: aiohttp.ClientSession | None = None
+        self._workers: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self._settings.workers, limit_per_host=0)
+        self._http = aiohttp.ClientSession(connector=connector, trust_env=False)
+        self._workers = [asyncio.create_task(self._work(), name=f'dispatcher-{i}')
+                         for i in range(self._settings.workers)]
+
+    async def stop(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def _work(self) -> None:
+        while True:
+            delivery = await self._outbox.take()
+            try:
+                await self.process(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not kill the worker; the delivery is retried
+                logger.exception("Unexpected error delivering %s to %s", delivery.id, delivery.key)
+                await self._outbox.retry_later(delivery, self._delay(delivery.attempts or 1, None))
+
+    async def process(self, delivery: PendingDelivery) -> None:
+        """Make one attempt of one delivery and record what happened."""
+        notification = self._routing.get(delivery.key)
+        if notification is None:  # deleted or suspended since the event was accepted
+            await self._outbox.complete(delivery)
+            return
+        if self._book.is_disabled(delivery.key):
+            self._record(delivery, DeliveryOutcome.DROPPED,
+                         "Dropped: the notification is disabled after repeated failures")
+            await self._outbox.complete(delivery)
+            return
+
+        result, duration_ms = await self._attempt(notification, delivery)
+        delivery.attempts += 1
+        disabled = self._book.record_attempt(delivery.key, result.ok)
+
+        if result.ok:
+            self._record(delivery, DeliveryOutcome.SUCCEEDED, result.message, result, duration_ms)
+            await self._outbox.complete(delivery)
+        elif disabled or not result.retryable or delivery.attempts > len(self._settings.retry_schedule):
+            why = ("; the notification is now disabled" if disabled else
+                   "" if not result.retryable else f"; gave up after {delivery.attempts} attempts")
+            self._record(delivery, DeliveryOutcome.FAILED, result.message + why, result, duration_ms)
+            await self._outbox.complete(delivery)
+        else:
+            delay = self._delay(delivery.attempts, result.retry_after)
+            self._record(delivery, DeliveryOutcome.RETRYING, f"{result.message}; retrying in {delay:.1f}s",
+                         result, duration_ms)
+            await self._outbox.retry_later(delivery, delay)
+
+    async def _attempt(self, notification: Notification, delivery: PendingDelivery) -> tuple[AttemptResult, int]:
+        assert self._http is not None, "the dispatcher is not started"
+        context = DeliveryContext(http=self._http, delivery_id=delivery.id, timeout=self._settings.timeout)
+        started = time.monotonic()
+        result = await notification.method.deliver(notification.target, delivery.event, context)
+        return result, int((time.monotonic() - started) * 1000)
+
+    def _delay(self, attempts: int, retry_after: float | None) -> float:
+        schedule = self._settings.retry_schedule or (0.0,)
+        base = schedule[min(attempts, len(schedule)) - 1]
+        delay = random.uniform(0, base)  # full jitter
+        return max(delay, retry_after or 0.0)
+
+    def _record(self, delivery: PendingDelivery, outcome: DeliveryOutcome, message: str,
+                result: AttemptResult | None = None, duration_ms: int | None = None) -> None:
+        self._book.record_delivery(delivery.key, DeliveryRecord(
+            event_id=delivery.event.id, event=delivery.event.kind, outcome=outcome,
+            attempts=delivery.attempts, message=message, code=result.code if result else None,
+            duration_ms=duration_ms))

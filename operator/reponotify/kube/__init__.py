@@ -1,0 +1,1 @@
+"""The Kubernetes front end: kopf handlers and a small API client, around the core."""

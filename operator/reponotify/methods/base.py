@@ -1,0 +1,145 @@
+"""
+The one small interface every delivery method implements.
+
+A method has a name, a pydantic model of its ``spec.config`` (secret-bearing
+fields declared in ``secret_fields`` may come from a Secret as ``<field>From``
+and are held as ``SecretStr`` so that no repr, log or exception shows them),
+and one coroutine that makes one delivery attempt and says how it went.
+
+Retrying, counting failures and recording outcomes are the dispatcher's job,
+not the method's: a method only reports whether a failure is worth retrying.
+"""
+import abc
+import asyncio
+import dataclasses
+import datetime
+import email.utils
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import aiohttp
+import pydantic
+
+from reponotify.events import Event
+
+DEFAULT_TIMEOUT = 10.0  # seconds, as Quay's NOTIFICATION_SEND_TIMEOUT
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptResult:
+    """How one delivery attempt went."""
+    ok: bool
+    message: str
+    code: int | None = None
+    retryable: bool = True
+    retry_after: float | None = None  # seconds, from the target's Retry-After
+
+
+@dataclasses.dataclass(frozen=True)
+class DeliveryContext:
+    """What a method needs beyond its own config for one attempt."""
+    http: aiohttp.ClientSession
+    delivery_id: str  # stable across retries of the same delivery
+    timeout: float = DEFAULT_TIMEOUT
+
+
+class MethodConfig(pydantic.BaseModel):
+    """Base of the per-method config models."""
+    model_config = pydantic.ConfigDict(extra='forbid', frozen=True)
+    secret_fields: ClassVar[tuple[str, ...]] = ()
+
+
+class Method(abc.ABC):
+    """A way to deliver an event: webhook, Slack, e-mail, ..."""
+    name: ClassVar[str]
+    config_model: ClassVar[type[MethodConfig]]
+
+    def prepare(self, config: MethodConfig) -> Any:
+        """Turn a validated config into what :meth:`deliver` uses (compiled once per resource version)."""
+        return config
+
+    @abc.abstractmethod
+    async def deliver(self, target: Any, event: Event, context: DeliveryContext) -> AttemptResult:
+        """Make one attempt; never raise for a delivery failure, report it."""
+
+
+def http_url(value: str) -> str:
+    """Check that a URL is http(s) with a host; the error never repeats the URL (it may be secret)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ('http', 'https'):
+        raise ValueError("must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("must be a URL with a host name")
+    return value
+
+
+async def post_json(
+        context: DeliveryContext,
+        url: str,
+        body: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        ssl: Any = True,
+        what: str = 'target',
+) -> AttemptResult:
+    """
+    POST a JSON body and classify the answer the way the dispatcher needs it.
+
+    2xx succeeds. 408, 429, 5xx and transport errors are retried; other codes
+    (redirects included: they are never followed) are final. Messages name the
+    status code and ``what`` was called, never the URL, which may be a secret.
+    """
+    data = json.dumps(body).encode()
+    all_headers = {'Content-Type': 'application/json', **(headers or {})}
+    try:
+        async with context.http.post(
+                url, data=data, headers=all_headers, ssl=ssl, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=context.timeout),
+        ) as response:
+            await response.read()
+            return classify_status(response.status, response.headers.get('Retry-After'), what=what)
+    except asyncio.TimeoutError:
+        return AttemptResult(ok=False, message=f"{what} did not answer within {context.timeout:g}s")
+    except aiohttp.ClientSSLError as exc:
+        return AttemptResult(ok=False, message=f"TLS error talking to {what}: {_reason(exc)}")
+    except aiohttp.ClientError as exc:
+        return AttemptResult(ok=False, message=f"could not reach {what}: {type(exc).__name__}: {_reason(exc)}")
+
+
+def classify_status(status: int, retry_after: str | None, *, what: str) -> AttemptResult:
+    if 200 <= status < 300:
+        return AttemptResult(ok=True, code=status, message=f"{what} answered {status}")
+    retryable = status in (408, 429) or status >= 500
+    return AttemptResult(
+        ok=False, code=status, retryable=retryable,
+        retry_after=parse_retry_after(retry_after) if retryable else None,
+        message=f"{what} answered {status}" + ("" if retryable else " (not retried)"),
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def _reason(exc: BaseException) -> str:
+    # aiohttp puts the URL into some messages (ClientConnectorError's str has host:port, which is fine;
+    # InvalidURL has the whole URL, which may carry credentials): name the class and the OS reason only.
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error.strerror or type(exc.os_error).__name__
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "invalid URL"
+    return str(exc).split(':', 1)[0] if str(exc) else type(exc).__name__

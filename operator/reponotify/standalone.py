@@ -1,0 +1,186 @@
+"""
+Standalone mode: the same notifications, from a folder of YAML, without a cluster.
+
+Every ``RepositoryNotification`` document in the folder's ``*.yaml``/``*.yml``
+files is compiled and routed exactly as the operator would; ``<field>From``
+Secret references resolve against ``kind: Secret`` documents in the same folder
+(``data`` base64, or ``stringData``). Each notification's status is kept in
+``<state-dir>/status.json`` and served on ``GET /v1/notifications``.
+"""
+import asyncio
+import base64
+import binascii
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from reponotify.config import Settings
+from reponotify.engine import Engine
+from reponotify.models import API_VERSION, KIND
+from reponotify.notifications import InvalidSpec, NotificationKey, SecretNotFound, SpecError, compile_notification
+from reponotify.receiver import ENGINE, make_app, serve
+from reponotify.status import ReadyCondition
+
+logger = logging.getLogger(__name__)
+
+STATUS_FILE = 'status.json'
+
+
+class ManifestError(Exception):
+    """The folder cannot be loaded; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifests:
+    notifications: dict[NotificationKey, dict[str, Any]]  # key -> the whole resource
+    secrets: dict[tuple[str, str], dict[str, str]]  # (namespace, name) -> decoded data
+
+
+def load_manifests(folder: pathlib.Path) -> Manifests:
+    """Read every YAML document in a folder (not recursive); unrelated kinds are ignored."""
+    if not folder.is_dir():
+        raise ManifestError(f"{folder} is not a folder")
+    notifications: dict[NotificationKey, dict[str, Any]] = {}
+    secrets: dict[tuple[str, str], dict[str, str]] = {}
+    files = sorted([*folder.glob('*.yaml'), *folder.glob('*.yml')])
+    for path in files:
+        try:
+            documents = [doc for doc in yaml.safe_load_all(path.read_text()) if isinstance(doc, dict)]
+        except yaml.YAMLError as exc:
+            raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+        for doc in documents:
+            metadata = doc.get('metadata') or {}
+            namespace = str(metadata.get('namespace') or 'default')
+            name = str(metadata.get('name') or '')
+            if doc.get('kind') == KIND and doc.get('apiVersion') == API_VERSION:
+                if not name:
+                    raise ManifestError(f"{path}: a {KIND} has no metadata.name")
+                key = NotificationKey(namespace, name)
+                if key in notifications:
+                    raise ManifestError(f"{path}: {KIND} {key} is defined twice")
+                notifications[key] = doc
+            elif doc.get('kind') == 'Secret' and doc.get('apiVersion') == 'v1':
+                secrets[(namespace, name)] = _secret_data(path, doc)
+    return Manifests(notifications=notifications, secrets=secrets)
+
+
+def _secret_data(path: pathlib.Path, doc: dict[str, Any]) -> dict[str, str]:
+    data: dict[str, str] = {}
+    for key, value in (doc.get('data') or {}).items():
+        try:
+            data[key] = base64.b64decode(str(value), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise ManifestError(f"{path}: Secret {doc['metadata'].get('name')} key {key!r} is not base64") from None
+    data.update({key: str(value) for key, value in (doc.get('stringData') or {}).items()})
+    return data
+
+
+class ManifestSecrets:
+    """Secret references resolved against the folder's Secret documents."""
+
+    def __init__(self, secrets: dict[tuple[str, str], dict[str, str]]) -> None:
+        self._secrets = secrets
+
+    async def read(self, namespace: str, name: str, key: str) -> str:
+        secret = self._secrets.get((namespace, name))
+        if secret is None:
+            raise SecretNotFound(f"Secret {namespace}/{name} not found")
+        if key not in secret:
+            raise SecretNotFound(f"Secret {namespace}/{name} has no key {key!r}")
+        return secret[key]
+
+
+class StatusFile:
+    """All statuses in one JSON file, replaced atomically on every write."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self._statuses: dict[str, dict[str, Any]] = {}
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        if not self.path.exists():
+            return {}
+        try:
+            loaded = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{self.path}: unreadable status file ({exc}); move it away to start afresh") from None
+        if not isinstance(loaded, dict):
+            raise ManifestError(f"{self.path}: not a status file (expected a JSON object)")
+        self._statuses = loaded
+        return loaded
+
+    async def write(self, key: NotificationKey, status: dict[str, Any]) -> None:
+        self._statuses[str(key)] = status
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix('.tmp')
+        temporary.write_text(json.dumps(self._statuses, indent=2, sort_keys=True))
+        os.replace(temporary, self.path)
+
+
+async def load_into(engine: Engine, manifests: Manifests, previous: dict[str, dict[str, Any]]) -> None:
+    """Compile every notification of the folder into the engine, recording why any is not ready."""
+    secrets = ManifestSecrets(manifests.secrets)
+    for key, resource in sorted(manifests.notifications.items()):
+        engine.book.seed(key, previous.get(str(key)))
+        spec = resource.get('spec') or {}
+        if spec.get('suspend') is True:
+            engine.book.set_spec_condition(key, ReadyCondition('False', 'Suspended', "spec.suspend is true"))
+            continue
+        try:
+            notification = await compile_notification(key, spec, secrets)
+        except SpecError as exc:
+            logger.warning("%s is not ready: %s: %s", key, exc.reason, exc)
+            engine.book.set_spec_condition(key, ReadyCondition('False', exc.reason, str(exc)))
+            continue
+        engine.put_notification(notification)
+        engine.book.set_spec_condition(key, ReadyCondition(
+            'True', 'Accepted',
+            f"Routing {notification.event} events of {notification.repository} to {notification.method.name}"))
+
+
+MANIFESTS: web.AppKey[Manifests] = web.AppKey('manifests', Manifests)
+
+
+async def list_notifications(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    manifests = request.app[MANIFESTS]
+    items = []
+    for key, resource in sorted(manifests.notifications.items()):
+        spec = resource.get('spec') or {}
+        items.append({
+            'namespace': key.namespace, 'name': key.name,
+            'repository': spec.get('repository'), 'event': spec.get('event'),
+            'method': spec.get('method'), 'title': spec.get('title'),
+            'status': engine.book.status(key),
+        })
+    return web.json_response({'items': items})
+
+
+async def run_standalone(settings: Settings, folder: pathlib.Path, *, stop: asyncio.Event | None = None,
+                         started: asyncio.Event | None = None) -> None:
+    """Serve the folder's notifications until ``stop`` is set (or forever)."""
+    manifests = load_manifests(folder)
+    status_file = StatusFile(settings.state_dir / STATUS_FILE)
+    engine = Engine(settings.engine)
+    await load_into(engine, manifests, status_file.load())
+    app = make_app(engine, token=settings.receiver.token)
+    app[MANIFESTS] = manifests
+    app.router.add_get('/v1/notifications', list_notifications)
+    await engine.start(status_file)
+    await engine.flush_status()
+    runner = await serve(app, settings.receiver.host, settings.receiver.port)
+    logger.info("Standalone: %d notifications from %s, %d routed", len(manifests.notifications), folder,
+                len(engine.routing))
+    try:
+        if started is not None:
+            started.set()
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        await runner.cleanup()
+        await engine.stop()

@@ -1,0 +1,258 @@
+"""
+What each notification's status says, kept in memory and written out coalesced.
+
+The :class:`StatusBook` is the single writer of every notification's status:
+the front end tells it whether the spec was accepted, the dispatcher tells it
+each delivery outcome, and it derives the ``Ready`` condition, Quay's failure
+counting (3 consecutive failed attempts disable the notification), counters and
+the bounded list of recent deliveries.
+
+A :class:`StatusFlusher` writes changed statuses to a :class:`StatusSink` (the
+Kubernetes status subresource, or the standalone JSON file) at most once per
+``min_interval`` per notification, so a burst of 10,000 deliveries costs the
+API server a handful of PATCH requests, and the last write is always exact.
+"""
+import asyncio
+import collections
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from reponotify.models import RECENT_DELIVERIES, DeliveryOutcome
+from reponotify.notifications import NotificationKey
+
+logger = logging.getLogger(__name__)
+
+DISABLE_AFTER_FAILURES = 3  # Quay's rule
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadyCondition:
+    status: str  # "True" | "False"
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DeliveryRecord:
+    """One delivery outcome, as it appears in ``lastDelivery`` and ``recentDeliveries``."""
+    event_id: str
+    event: str
+    outcome: DeliveryOutcome
+    attempts: int
+    message: str
+    code: int | None = None
+    duration_ms: int | None = None
+    time: str = dataclasses.field(default_factory=now_rfc3339)
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            'eventId': self.event_id, 'event': self.event, 'time': self.time,
+            'outcome': self.outcome.value, 'attempts': self.attempts, 'code': self.code,
+            'message': self.message, 'durationMs': self.duration_ms,
+        }
+
+
+@dataclasses.dataclass
+class _Entry:
+    spec_condition: ReadyCondition = ReadyCondition('Unknown', 'Pending', 'Not processed yet')
+    generation: int | None = None
+    number_of_failures: int = 0
+    last_delivery: dict[str, Any] | None = None
+    counters: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {'succeeded': 0, 'failed': 0, 'dropped': 0})
+    recent: collections.deque[dict[str, Any]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_DELIVERIES))
+    ready: ReadyCondition | None = None
+    ready_since: str = dataclasses.field(default_factory=now_rfc3339)
+
+
+TransitionListener = Callable[[NotificationKey, ReadyCondition | None, ReadyCondition], None]
+
+
+class StatusBook:
+    """Every notification's status, and the rules that derive it."""
+
+    def __init__(self, on_transition: TransitionListener | None = None) -> None:
+        self._entries: dict[NotificationKey, _Entry] = {}
+        self._dirty: set[NotificationKey] = set()
+        self._changed = asyncio.Event()
+        self.on_transition = on_transition
+
+    # -- what the front end says ---------------------------------------------------------------
+
+    def seed(self, key: NotificationKey, status: Mapping[str, Any] | None) -> None:
+        """Take over counters and failures from a status written before (restart, resume)."""
+        if key in self._entries or not status:
+            return
+        entry = self._entry(key)
+        entry.number_of_failures = int(status.get('numberOfFailures') or 0)
+        entry.last_delivery = status.get('lastDelivery') or None
+        for name in entry.counters:
+            entry.counters[name] = int((status.get('deliveries') or {}).get(name) or 0)
+        entry.recent.extend(status.get('recentDeliveries') or [])
+        for condition in status.get('conditions') or []:
+            if condition.get('type') == 'Ready':
+                entry.ready = ReadyCondition(condition.get('status', 'Unknown'), condition.get('reason', ''),
+                                             condition.get('message', ''))
+                entry.ready_since = condition.get('lastTransitionTime') or entry.ready_since
+
+    def set_spec_condition(self, key: NotificationKey, condition: ReadyCondition,
+                           generation: int | None = None) -> None:
+        """Record whether the current spec was accepted (Accepted, InvalidSpec, Suspended, ...)."""
+        entry = self._entry(key)
+        entry.spec_condition = condition
+        entry.generation = generation
+        self._update_ready(key, entry)
+        self._mark(key)
+
+    def forget(self, key: NotificationKey) -> None:
+        self._entries.pop(key, None)
+        self._dirty.discard(key)
+
+    def reset(self, key: NotificationKey) -> None:
+        """Zero the failure count, re-enabling a disabled notification (Quay's "re-enable")."""
+        entry = self._entry(key)
+        entry.number_of_failures = 0
+        self._update_ready(key, entry)
+        self._mark(key)
+
+    # -- what the dispatcher says --------------------------------------------------------------
+
+    def is_disabled(self, key: NotificationKey) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.number_of_failures >= DISABLE_AFTER_FAILURES
+
+    def record_attempt(self, key: NotificationKey, ok: bool) -> bool:
+        """Count one attempt (success resets, failure increments); returns True if now disabled."""
+        entry = self._entry(key)
+        entry.number_of_failures = 0 if ok else entry.number_of_failures + 1
+        self._update_ready(key, entry)
+        self._mark(key)
+        return entry.number_of_failures >= DISABLE_AFTER_FAILURES
+
+    def record_delivery(self, key: NotificationKey, record: DeliveryRecord) -> None:
+        """Record an outcome: final ones are counted and listed in recentDeliveries."""
+        entry = self._entry(key)
+        status = record.to_status()
+        entry.last_delivery = status
+        counter = {
+            DeliveryOutcome.SUCCEEDED: 'succeeded',
+            DeliveryOutcome.FAILED: 'failed',
+            DeliveryOutcome.DROPPED: 'dropped',
+        }.get(record.outcome)
+        if counter is not None:
+            entry.counters[counter] += 1
+            entry.recent.appendleft(status)
+        self._mark(key)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def keys(self) -> list[NotificationKey]:
+        return sorted(self._entries)
+
+    def status(self, key: NotificationKey) -> dict[str, Any]:
+        """The status as the resource shows it (camelCase, as in the CRD)."""
+        entry = self._entry(key)
+        ready = entry.ready or entry.spec_condition
+        return {
+            'observedGeneration': entry.generation,
+            'conditions': [{
+                'type': 'Ready', 'status': ready.status, 'reason': ready.reason, 'message': ready.message,
+                'lastTransitionTime': entry.ready_since, 'observedGeneration': entry.generation,
+            }],
+            'numberOfFailures': entry.number_of_failures,
+            'lastDelivery': entry.last_delivery,
+            'deliveries': dict(entry.counters),
+            'recentDeliveries': list(entry.recent),
+        }
+
+    # -- dirty tracking for the flusher --------------------------------------------------------
+
+    def take_dirty(self) -> set[NotificationKey]:
+        dirty, self._dirty = self._dirty, set()
+        self._changed.clear()
+        return dirty
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def _mark(self, key: NotificationKey) -> None:
+        self._dirty.add(key)
+        self._changed.set()
+
+    def _entry(self, key: NotificationKey) -> _Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry()
+        return entry
+
+    def _update_ready(self, key: NotificationKey, entry: _Entry) -> None:
+        condition = entry.spec_condition
+        if condition.reason == 'Accepted' and entry.number_of_failures >= DISABLE_AFTER_FAILURES:
+            condition = ReadyCondition(
+                'False', 'Disabled',
+                f"Disabled after {entry.number_of_failures} consecutive failed deliveries; "
+                f"events are dropped until it is reset (annotate reponotify.dev/reset)")
+        previous = entry.ready
+        if previous != condition:
+            if previous is None or previous.status != condition.status:
+                entry.ready_since = now_rfc3339()
+            entry.ready = condition
+            if self.on_transition is not None:
+                self.on_transition(key, previous, condition)
+
+
+class StatusSink(Protocol):
+    """Where statuses are written: the Kubernetes API, or a file."""
+
+    async def write(self, key: NotificationKey, status: dict[str, Any]) -> None: ...
+
+
+class StatusFlusher:
+    """Writes changed statuses, each at most once per ``min_interval`` seconds."""
+
+    def __init__(self, book: StatusBook, sink: StatusSink, *, min_interval: float = 1.0) -> None:
+        self._book = book
+        self._sink = sink
+        self._min_interval = min_interval
+        self._last_write: dict[NotificationKey, float] = {}
+        self._pending: set[NotificationKey] = set()
+
+    async def run(self) -> None:
+        while True:
+            if self._pending:  # some were written too recently: come back when the earliest is due
+                try:
+                    await asyncio.wait_for(self._book.wait_changed(), timeout=self._delay_until_due())
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await self._book.wait_changed()
+            await self.flush(force=False)
+
+    async def flush(self, *, force: bool = True) -> None:
+        """Write what is due (or everything, with ``force``, e.g. at shutdown)."""
+        self._pending |= self._book.take_dirty()
+        now = time.monotonic()
+        for key in sorted(self._pending):
+            if not force and now - self._last_write.get(key, -1e9) < self._min_interval:
+                continue
+            self._pending.discard(key)
+            self._last_write[key] = now
+            try:
+                await self._sink.write(key, self._book.status(key))
+            except Exception as exc:  # keep flushing others; retry this one later
+                logger.warning("Could not write the status of %s: %s", key, exc)
+                self._pending.add(key)
+
+    def _delay_until_due(self) -> float:
+        now = time.monotonic()
+        due = min(self._last_write.get(key, now) + self._min_interval for key in self._pending)
+        return max(0.01, due - now)

@@ -1,0 +1,102 @@
+"""
+Shared fixtures: real peers on loopback.
+
+``http_target`` is a real aiohttp server that records every request exactly
+as received (method, path, query, headers, raw body) and answers what the
+test scripts (a status, headers, a delay), so tests assert on the bytes a
+webhook or Slack endpoint really got.
+"""
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+
+@dataclasses.dataclass(frozen=True)
+class ReceivedRequest:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    body: str = 'ok'
+    delay: float = 0.0
+
+
+class HttpTarget:
+    """A loopback HTTP server that records requests; script replies per path with ``replies``."""
+
+    def __init__(self) -> None:
+        self.requests: list[ReceivedRequest] = []
+        self.replies: dict[str, list[Reply]] = {}  # path -> replies used in order; the last one repeats
+        self.default = Reply()
+        self._arrived = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f'http://127.0.0.1:{self.port}'
+
+    def script(self, path: str, *replies: Reply) -> None:
+        self.replies[path] = list(replies)
+
+    def on(self, path: str) -> list[ReceivedRequest]:
+        return [request for request in self.requests if request.path == path]
+
+    async def wait_for(self, count: int, path: str | None = None, timeout: float = 10.0) -> list[ReceivedRequest]:
+        """Wait until ``count`` requests arrived (on ``path``, if given); fail the test otherwise."""
+        def arrived() -> list[ReceivedRequest]:
+            return self.on(path) if path is not None else list(self.requests)
+        async with self._arrived:
+            try:
+                await asyncio.wait_for(self._arrived.wait_for(lambda: len(arrived()) >= count), timeout)
+            except asyncio.TimeoutError:
+                pytest.fail(f"expected {count} requests on {path or 'any path'}, got {len(arrived())}")
+        return arrived()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        async with self._arrived:
+            self.requests.append(ReceivedRequest(request.method, request.path, dict(request.query),
+                                                 dict(request.headers), body))
+            self._arrived.notify_all()
+        queue = self.replies.get(request.path)
+        reply = (queue.pop(0) if len(queue) > 1 else queue[0]) if queue else self.default
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        return web.Response(status=reply.status, headers=reply.headers, text=reply.body)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route('*', '/{tail:.*}', self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, '127.0.0.1', 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def http_target() -> AsyncIterator[HttpTarget]:
+    target = HttpTarget()
+    await target.start()
+    yield target
+    await target.stop()
