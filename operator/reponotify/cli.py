@@ -23,6 +23,7 @@ from reponotify.config import ReceiverSettings, Settings
 from reponotify.dispatcher import DispatcherSettings, parse_schedule
 from reponotify.engine import EngineSettings
 from reponotify.events import EVENT_NAMES, sample_payload
+from reponotify.methods.base import MethodSettings, SmtpSettings
 
 F = Callable[..., Any]
 
@@ -59,6 +60,20 @@ def common_options(function: F) -> F:
                help="Seconds before a delivery attempt times out."),
         option('--status-interval', type=click.FloatRange(0.0, 3600), default=1.0, show_default=True,
                help="At most one status write per notification per this many seconds."),
+        option('--flowdock-api-url', default=MethodSettings.flowdock_api_url, show_default=True,
+               help="Flowdock team-inbox API base URL (self-hosted or compatible endpoints)."),
+        option('--hipchat-api-url', default=MethodSettings.hipchat_api_url, show_default=True,
+               help="HipChat v2 API base URL."),
+        option('--smtp-host', help="SMTP server for the e-mail method."),
+        option('--smtp-port', type=click.IntRange(1, 65535), default=25, show_default=True, help="SMTP port."),
+        option('--smtp-security', type=click.Choice(['none', 'starttls', 'tls']), default='none',
+               show_default=True, help="SMTP transport security."),
+        option('--smtp-username', help="SMTP user name."),
+        option('--smtp-password-file', type=click.Path(dir_okay=False, path_type=pathlib.Path),
+               help="File holding the SMTP password."),
+        option('--smtp-from', default=SmtpSettings.sender, show_default=True, help="Sender address of mails."),
+        option('--smtp-ca-file', type=click.Path(dir_okay=False, exists=True),
+               help="Extra CA bundle to trust for the SMTP server's certificate."),
         option('--log-level', type=click.Choice(['debug', 'info', 'warning', 'error']), default='info',
                show_default=True, help="Logging verbosity."),
     ]
@@ -67,20 +82,34 @@ def common_options(function: F) -> F:
     return function
 
 
+def _read_secret_file(path: pathlib.Path, option_name: str) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint=option_name) from None
+    if not value:
+        raise click.BadParameter(f"{path} is empty", param_hint=option_name)
+    return value
+
+
 def build_settings(host: str, port: int, token_file: pathlib.Path | None, token: str | None,
                    state_dir: pathlib.Path, retry_schedule: tuple[float, ...], workers: int, timeout: float,
-                   status_interval: float, **_: Any) -> Settings:
+                   status_interval: float, flowdock_api_url: str, hipchat_api_url: str, smtp_host: str | None,
+                   smtp_port: int, smtp_security: str, smtp_username: str | None,
+                   smtp_password_file: pathlib.Path | None, smtp_from: str, smtp_ca_file: str | None,
+                   **_: Any) -> Settings:
     if token_file is not None:
-        try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            raise click.BadParameter(f"cannot read {token_file}: {exc.strerror}", param_hint='--token-file')
-        if not token:
-            raise click.BadParameter(f"{token_file} is empty", param_hint='--token-file')
+        token = _read_secret_file(token_file, '--token-file')
+    smtp = SmtpSettings(
+        host=smtp_host, port=smtp_port, security=smtp_security, username=smtp_username,
+        password=_read_secret_file(smtp_password_file, '--smtp-password-file') if smtp_password_file else None,
+        sender=smtp_from, ca_file=smtp_ca_file)
+    methods = MethodSettings(flowdock_api_url=flowdock_api_url, hipchat_api_url=hipchat_api_url, smtp=smtp)
     return Settings(
         receiver=ReceiverSettings(host=host, port=port, token=token or None),
         engine=EngineSettings(
-            dispatcher=DispatcherSettings(workers=workers, retry_schedule=retry_schedule, timeout=timeout),
+            dispatcher=DispatcherSettings(workers=workers, retry_schedule=retry_schedule, timeout=timeout,
+                                          methods=methods),
             status_interval=status_interval),
         state_dir=state_dir,
     )

@@ -19,7 +19,7 @@ import time
 import aiohttp
 
 from reponotify.methods import AttemptResult, DeliveryContext
-from reponotify.methods.base import DEFAULT_TIMEOUT
+from reponotify.methods.base import DEFAULT_TIMEOUT, MethodSettings
 from reponotify.models import DeliveryOutcome
 from reponotify.notifications import Notification
 from reponotify.outbox import MemoryOutbox, PendingDelivery
@@ -50,6 +50,7 @@ class DispatcherSettings:
     workers: int = 64
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     timeout: float = DEFAULT_TIMEOUT
+    methods: MethodSettings = MethodSettings()
 
 
 class Dispatcher:
@@ -127,7 +128,8 @@ class Dispatcher:
 
     async def _attempt(self, notification: Notification, delivery: PendingDelivery) -> tuple[AttemptResult, int]:
         assert self._http is not None, "the dispatcher is not started"
-        context = DeliveryContext(http=self._http, delivery_id=delivery.id, timeout=self._settings.timeout)
+        context = DeliveryContext(http=self._http, delivery_id=delivery.id, timeout=self._settings.timeout,
+                                  settings=self._settings.methods)
         started = time.monotonic()
         result = await notification.method.deliver(notification.target, delivery.event, context)
         return result, int((time.monotonic() - started) * 1000)

@@ -38,11 +38,32 @@ class AttemptResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class SmtpSettings:
+    """The operator's one SMTP server, used by the e-mail method."""
+    host: str | None = None
+    port: int = 25
+    security: str = 'none'  # none | starttls | tls
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    sender: str = 'reponotify@localhost'
+    ca_file: str | None = None  # extra CA bundle to trust (self-hosted servers, tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSettings:
+    """Operator-wide settings of the methods (API base URLs, SMTP), from the command line."""
+    flowdock_api_url: str = 'https://api.flowdock.com/v1/messages/team_inbox'
+    hipchat_api_url: str = 'https://api.hipchat.com/v2'
+    smtp: SmtpSettings = SmtpSettings()
+
+
+@dataclasses.dataclass(frozen=True)
 class DeliveryContext:
     """What a method needs beyond its own config for one attempt."""
     http: aiohttp.ClientSession
     delivery_id: str  # stable across retries of the same delivery
     timeout: float = DEFAULT_TIMEOUT
+    settings: MethodSettings = MethodSettings()
 
 
 class MethodConfig(pydantic.BaseModel):
