@@ -24,6 +24,7 @@ from reponotify.dispatcher import DispatcherSettings, parse_schedule
 from reponotify.engine import EngineSettings
 from reponotify.events import EVENT_NAMES, sample_payload
 from reponotify.methods.base import MethodSettings, SmtpSettings
+from reponotify.targets import TargetPolicy
 
 F = Callable[..., Any]
 
@@ -42,6 +43,13 @@ def _schedule(ctx: click.Context, param: click.Parameter, value: str) -> tuple[f
         raise click.BadParameter(str(exc)) from None
 
 
+def _policy(ctx: click.Context, param: click.Parameter, value: str) -> TargetPolicy:
+    try:
+        return TargetPolicy.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def common_options(function: F) -> F:
     decorators = [
         option('--host', default='0.0.0.0', show_default=True, help="Address the receiver listens on."),
@@ -50,16 +58,27 @@ def common_options(function: F) -> F:
         option('--token-file', type=click.Path(dir_okay=False, path_type=pathlib.Path),
                help="File holding the bearer token required on event endpoints."),
         option('--token', help="The bearer token itself (prefer --token-file: command lines are visible)."),
+        option('--hmac-secret-file', type=click.Path(dir_okay=False, path_type=pathlib.Path),
+               help="File holding a secret: requests signed with X-Signature: sha256=<HMAC of body> pass."),
+        option('--read-timeout', type=click.FloatRange(0.1, 600), default=10.0, show_default=True,
+               help="Seconds a client has to send a whole request body."),
+        option('--shutdown-grace', type=click.FloatRange(0, 600), default=10.0, show_default=True,
+               help="Seconds in-flight deliveries may finish after SIGTERM; the rest stay queued."),
         option('--state-dir', type=click.Path(file_okay=False, path_type=pathlib.Path),
                default=pathlib.Path('.reponotify'), show_default=True, help="Folder for state files."),
         option('--retry-schedule', default='5s,5m,30m,2h', show_default=True, callback=_schedule,
                help="Delays before each retry of a failed delivery (full jitter applies)."),
         option('--workers', type=click.IntRange(1, 10_000), default=64, show_default=True,
                help="Concurrent delivery attempts."),
+        option('--per-target', type=click.IntRange(1, 10_000), default=16, show_default=True,
+               help="Concurrent attempts to one target host, so a slow target cannot take every worker."),
         option('--timeout', type=click.FloatRange(0.1, 300), default=10.0, show_default=True,
                help="Seconds before a delivery attempt times out."),
         option('--status-interval', type=click.FloatRange(0.0, 3600), default=1.0, show_default=True,
                help="At most one status write per notification per this many seconds."),
+        option('--allow-targets', default='', callback=_policy,
+               help="Comma-separated CIDRs and host names deliveries may reach although not globally routable "
+                    "(in-cluster targets); everything else private, loopback or link-local is refused."),
         option('--flowdock-api-url', default=MethodSettings.flowdock_api_url, show_default=True,
                help="Flowdock team-inbox API base URL (self-hosted or compatible endpoints)."),
         option('--hipchat-api-url', default=MethodSettings.hipchat_api_url, show_default=True,
@@ -93,8 +112,10 @@ def _read_secret_file(path: pathlib.Path, option_name: str) -> str:
 
 
 def build_settings(host: str, port: int, token_file: pathlib.Path | None, token: str | None,
-                   state_dir: pathlib.Path, retry_schedule: tuple[float, ...], workers: int, timeout: float,
-                   status_interval: float, flowdock_api_url: str, hipchat_api_url: str, smtp_host: str | None,
+                   hmac_secret_file: pathlib.Path | None, read_timeout: float, shutdown_grace: float,
+                   state_dir: pathlib.Path, retry_schedule: tuple[float, ...], workers: int, per_target: int,
+                   timeout: float,
+                   status_interval: float, allow_targets: TargetPolicy, flowdock_api_url: str, hipchat_api_url: str, smtp_host: str | None,
                    smtp_port: int, smtp_security: str, smtp_username: str | None,
                    smtp_password_file: pathlib.Path | None, smtp_from: str, smtp_ca_file: str | None,
                    **_: Any) -> Settings:
@@ -106,12 +127,15 @@ def build_settings(host: str, port: int, token_file: pathlib.Path | None, token:
         sender=smtp_from, ca_file=smtp_ca_file)
     methods = MethodSettings(flowdock_api_url=flowdock_api_url, hipchat_api_url=hipchat_api_url, smtp=smtp)
     return Settings(
-        receiver=ReceiverSettings(host=host, port=port, token=token or None),
+        receiver=ReceiverSettings(
+            host=host, port=port, token=token or None, read_timeout=read_timeout,
+            hmac_secret=_read_secret_file(hmac_secret_file, '--hmac-secret-file') if hmac_secret_file else None),
         engine=EngineSettings(
-            dispatcher=DispatcherSettings(workers=workers, retry_schedule=retry_schedule, timeout=timeout,
-                                          methods=methods),
+            dispatcher=DispatcherSettings(workers=workers, per_target=per_target, retry_schedule=retry_schedule,
+                                          timeout=timeout, methods=methods, target_policy=allow_targets),
             status_interval=status_interval),
         state_dir=state_dir,
+        shutdown_grace=shutdown_grace,
     )
 
 

@@ -14,7 +14,9 @@ from reponotify.engine import EngineSettings
 class ReceiverSettings:
     host: str = '0.0.0.0'
     port: int = 8080
-    token: str | None = None  # bearer token for the event endpoints; None: no authentication
+    token: str | None = dataclasses.field(default=None, repr=False)  # bearer token for event endpoints
+    hmac_secret: str | None = dataclasses.field(default=None, repr=False)  # X-Signature: sha256=<hmac> secret
+    read_timeout: float = 10.0  # seconds to receive a request body
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,3 +24,4 @@ class Settings:
     receiver: ReceiverSettings = ReceiverSettings()
     engine: EngineSettings = EngineSettings()
     state_dir: pathlib.Path = pathlib.Path('.reponotify')
+    shutdown_grace: float = 10.0  # seconds in-flight attempts may finish after SIGTERM

@@ -25,6 +25,7 @@ from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import EngineSettings
 from reponotify.events import sample_payload
 from reponotify.standalone import run_standalone
+from reponotify.targets import TargetPolicy
 
 TARGET_PORT = 9911
 DOCUMENTED_SAMPLES = ('repo_push', 'build_queued', 'build_start', 'build_success', 'build_failure',
@@ -92,8 +93,10 @@ async def run_demo(manifests: pathlib.Path | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix='reponotify-demo-') as state_dir:
         settings = Settings(
             receiver=ReceiverSettings(host='127.0.0.1', port=port),
-            engine=EngineSettings(dispatcher=DispatcherSettings(retry_schedule=(0.2, 0.4, 0.8)),
-                                  status_interval=0.1),
+            engine=EngineSettings(
+                dispatcher=DispatcherSettings(retry_schedule=(0.2, 0.4, 0.8),
+                                              target_policy=TargetPolicy.parse('127.0.0.1')),  # the local target
+                status_interval=0.1),
             state_dir=pathlib.Path(state_dir),
         )
         service = asyncio.create_task(run_standalone(settings, folder, stop=stop, started=started))

@@ -10,25 +10,30 @@ rule that 3 consecutive failed attempts disable the notification holds across
 all of its deliveries.
 """
 import asyncio
+import collections
 import dataclasses
 import logging
 import random
 import re
 import time
+from typing import Any
 
 import aiohttp
 
 from reponotify.methods import AttemptResult, DeliveryContext
-from reponotify.methods.base import DEFAULT_TIMEOUT, MethodSettings
+from reponotify.inbox import Inbox
+from reponotify.methods.base import DEFAULT_TIMEOUT, Announce, MethodSettings
 from reponotify.models import DeliveryOutcome
 from reponotify.notifications import Notification
-from reponotify.outbox import MemoryOutbox, PendingDelivery
+from reponotify.outbox import Outbox, PendingDelivery
 from reponotify.routing import RoutingTable
 from reponotify.status import DeliveryRecord, StatusBook
+from reponotify.targets import GuardedConnector, TargetPolicy
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0)
+TARGET_BUSY_DELAY = 0.05  # seconds before a delivery to a target at its concurrency limit is tried again
 
 _DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$')
 _UNITS = {'ms': 0.001, 's': 1.0, 'm': 60.0, 'h': 3600.0, None: 1.0}
@@ -51,6 +56,9 @@ class DispatcherSettings:
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     timeout: float = DEFAULT_TIMEOUT
     methods: MethodSettings = MethodSettings()
+    per_target: int = 16  # attempts in flight to one target (host), so a slow one cannot take every worker
+    # The SSRF guard; None connects anywhere (the command line always sets one).
+    target_policy: TargetPolicy | None = None
 
 
 class Dispatcher:
@@ -58,25 +66,46 @@ class Dispatcher:
 
     def __init__(
             self,
-            outbox: MemoryOutbox,
+            outbox: Outbox,
             routing: RoutingTable,
             book: StatusBook,
             settings: DispatcherSettings = DispatcherSettings(),
+            inbox: Inbox | None = None,
     ) -> None:
+        self._inbox = inbox
+        self.announce: Announce | None = None  # set by the operator front end
         self._outbox = outbox
         self._routing = routing
         self._book = book
         self._settings = settings
         self._http: aiohttp.ClientSession | None = None
         self._workers: list[asyncio.Task[None]] = []
+        self._busy: set[asyncio.Task[Any]] = set()  # workers in the middle of an attempt
+        self._per_target: collections.Counter[str] = collections.Counter()  # attempts in flight per target
+        self._closing = False
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._settings.workers, limit_per_host=0)
+        connector: aiohttp.TCPConnector
+        if self._settings.target_policy is not None:
+            connector = GuardedConnector(self._settings.target_policy, limit=self._settings.workers)
+        else:
+            connector = aiohttp.TCPConnector(limit=self._settings.workers)
         self._http = aiohttp.ClientSession(connector=connector, trust_env=False)
         self._workers = [asyncio.create_task(self._work(), name=f'dispatcher-{i}')
                          for i in range(self._settings.workers)]
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop taking deliveries; give attempts in flight ``grace`` seconds, then cancel them.
+
+        A cancelled attempt's delivery is not completed, so it stays in the outbox for the next start.
+        """
+        self._closing = True
+        busy = [worker for worker in self._workers if worker in self._busy]
+        for worker in self._workers:
+            if worker not in self._busy:
+                worker.cancel()
+        if busy and grace > 0:
+            await asyncio.wait(busy, timeout=grace)
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -86,8 +115,11 @@ class Dispatcher:
             self._http = None
 
     async def _work(self) -> None:
-        while True:
+        worker = asyncio.current_task()
+        assert worker is not None
+        while not self._closing:
             delivery = await self._outbox.take()
+            self._busy.add(worker)
             try:
                 await self.process(delivery)
             except asyncio.CancelledError:
@@ -95,6 +127,8 @@ class Dispatcher:
             except Exception:  # a bug must not kill the worker; the delivery is retried
                 logger.exception("Unexpected error delivering %s to %s", delivery.id, delivery.key)
                 await self._outbox.retry_later(delivery, self._delay(delivery.attempts or 1, None))
+            finally:
+                self._busy.discard(worker)
 
     async def process(self, delivery: PendingDelivery) -> None:
         """Make one attempt of one delivery and record what happened."""
@@ -108,7 +142,17 @@ class Dispatcher:
             await self._outbox.complete(delivery)
             return
 
-        result, duration_ms = await self._attempt(notification, delivery)
+        target = notification.method.target_key(notification.target) or str(notification.key)
+        if self._per_target[target] >= self._settings.per_target:
+            await self._outbox.postpone(delivery, TARGET_BUSY_DELAY)  # free this worker for other targets
+            return
+        self._per_target[target] += 1
+        try:
+            result, duration_ms = await self._attempt(notification, delivery)
+        finally:
+            self._per_target[target] -= 1
+            if not self._per_target[target]:
+                del self._per_target[target]
         delivery.attempts += 1
         disabled = self._book.record_attempt(delivery.key, result.ok)
 
@@ -128,8 +172,10 @@ class Dispatcher:
 
     async def _attempt(self, notification: Notification, delivery: PendingDelivery) -> tuple[AttemptResult, int]:
         assert self._http is not None, "the dispatcher is not started"
-        context = DeliveryContext(http=self._http, delivery_id=delivery.id, timeout=self._settings.timeout,
-                                  settings=self._settings.methods)
+        context = DeliveryContext(
+            http=self._http, delivery_id=delivery.id, timeout=self._settings.timeout,
+            settings=self._settings.methods, notification=(delivery.key.namespace, delivery.key.name),
+            inbox=self._inbox, announce=self.announce)
         started = time.monotonic()
         result = await notification.method.deliver(notification.target, delivery.event, context)
         return result, int((time.monotonic() - started) * 1000)

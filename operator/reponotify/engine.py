@@ -6,85 +6,76 @@ the status book. Front ends (the kopf operator, the standalone mode) feed it
 notifications and give it a status sink; the receiver feeds it events.
 """
 import asyncio
-import collections
 import dataclasses
-import time
+import logging
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 from reponotify.dispatcher import Dispatcher, DispatcherSettings
-from reponotify.events import Event, new_event
+from reponotify.events import PRIORITIES, Event, new_event, sample_payload
+from reponotify.inbox import Inbox
+from reponotify.models import priority_level
 from reponotify.notifications import Notification, NotificationKey
-from reponotify.outbox import MemoryOutbox, PendingDelivery
+from reponotify.outbox import Accepted, Outbox
 from reponotify.routing import RoutingTable
 from reponotify.status import StatusBook, StatusFlusher, StatusSink, TransitionListener
 
+logger = logging.getLogger(__name__)
 
-@dataclasses.dataclass(frozen=True)
-class Accepted:
-    """What the receiver answers for an accepted event."""
-    id: str
-    matched: int
-    replayed: bool = False
-
-
-class IdempotencyKeys:
-    """Remembers recent ``Idempotency-Key`` values and what they were answered."""
-
-    def __init__(self, ttl: float = 24 * 3600, max_keys: int = 100_000) -> None:
-        self._ttl = ttl
-        self._max_keys = max_keys
-        self._seen: collections.OrderedDict[str, tuple[float, Accepted]] = collections.OrderedDict()
-
-    def get(self, key: str) -> Accepted | None:
-        self._expire()
-        found = self._seen.get(key)
-        return found[1] if found else None
-
-    def put(self, key: str, accepted: Accepted) -> None:
-        self._seen[key] = (time.monotonic(), accepted)
-        while len(self._seen) > self._max_keys:
-            self._seen.popitem(last=False)
-
-    def _expire(self) -> None:
-        limit = time.monotonic() - self._ttl
-        while self._seen and next(iter(self._seen.values()))[0] < limit:
-            self._seen.popitem(last=False)
+__all__ = ['Accepted', 'Engine', 'EngineSettings']
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
     dispatcher: DispatcherSettings = DispatcherSettings()
     status_interval: float = 1.0  # at most one status write per notification per this many seconds
+    idempotency_window: float = 24 * 3600.0  # seconds an Idempotency-Key is remembered
+
+
+def test_payload(notification: Notification) -> dict[str, Any]:
+    """The sample payload for a notification's test, aimed at its repository (and level, as Quay does)."""
+    payload = sample_payload(notification.event, notification.repository)
+    config = notification.spec.eventConfig
+    if notification.event == 'vulnerability_found':
+        level = priority_level(config.level) if config and config.level is not None else 0
+        payload['vulnerability'] = {**payload['vulnerability'], 'priority': PRIORITIES[level or 0]}
+    return payload
 
 
 class Engine:
     """Routing, queueing, delivering and recording, for one process."""
 
     def __init__(self, settings: EngineSettings = EngineSettings(),
-                 on_transition: TransitionListener | None = None) -> None:
+                 on_transition: TransitionListener | None = None,
+                 outbox_path: pathlib.Path | str = ':memory:') -> None:
+        """``outbox_path``: the SQLite file of the durable outbox (front ends put it in the state folder)."""
         self.settings = settings
         self.routing = RoutingTable()
         self.book = StatusBook(on_transition=on_transition)
-        self.outbox = MemoryOutbox()
-        self.dispatcher = Dispatcher(self.outbox, self.routing, self.book, settings.dispatcher)
-        self._idempotency = IdempotencyKeys()
-        self._ingest_lock = asyncio.Lock()
+        self.outbox = Outbox(outbox_path, idempotency_window=settings.idempotency_window)
+        self.inbox = Inbox()
+        self.dispatcher = Dispatcher(self.outbox, self.routing, self.book, settings.dispatcher, inbox=self.inbox)
         self._flusher: StatusFlusher | None = None
         self._flusher_task: asyncio.Task[None] | None = None
 
     async def start(self, sink: StatusSink) -> None:
+        pending = await self.outbox.open()
+        if pending:
+            logger.info("Resuming %d pending deliveries from the outbox", pending)
         self._flusher = StatusFlusher(self.book, sink, min_interval=self.settings.status_interval)
         self._flusher_task = asyncio.create_task(self._flusher.run(), name='status-flusher')
         await self.dispatcher.start()
 
-    async def stop(self) -> None:
-        await self.dispatcher.stop()
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop delivering (in-flight attempts get ``grace`` seconds), write statuses, close the outbox."""
+        await self.dispatcher.stop(grace)
         if self._flusher_task is not None:
             self._flusher_task.cancel()
             await asyncio.gather(self._flusher_task, return_exceptions=True)
         if self._flusher is not None:
             await self._flusher.flush(force=True)
+        await self.outbox.close()
 
     async def flush_status(self) -> None:
         """Write every pending status change now (front ends use it after accepting a spec)."""
@@ -102,20 +93,38 @@ class Engine:
     # -- events ----------------------------------------------------------------------------------
 
     async def ingest(self, kind: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None) -> Accepted:
-        """Route an event and queue one delivery per matching notification."""
-        async with self._ingest_lock:  # check-then-put on the idempotency key must be atomic
-            if idempotency_key is not None:
-                previous = self._idempotency.get(idempotency_key)
-                if previous is not None:
-                    return dataclasses.replace(previous, replayed=True)
-            event = new_event(kind, payload)
-            accepted = Accepted(id=event.id, matched=await self.enqueue(event))
-            if idempotency_key is not None:
-                self._idempotency.put(idempotency_key, accepted)
-            return accepted
+        """Route an event and durably queue one delivery per matching notification."""
+        event = new_event(kind, payload)
+        keys = [notification.key for notification in self.routing.match(event)]
+        return await self.outbox.accept(event, keys, idempotency_key)
+
+    async def send_test(self, key: NotificationKey, value: str) -> None:
+        """
+        Send the event's sample payload to one notification, as Quay's "Test Notification" does.
+
+        It takes the normal path: filters apply (a sample that ``eventConfig`` rejects is not
+        sent) and a disabled notification drops it. The outcome lands in ``status.lastTest``.
+        """
+        notification = self.routing.get(key)
+        if notification is None:
+            self.book.start_test(key, value, None, 'NotRouted',
+                                 "Not sent: the notification is not ready (see its Ready condition)")
+            return
+        event = new_event(notification.event, test_payload(notification))
+        if not notification.matches(event.payload):
+            self.book.start_test(key, value, event.id, 'Filtered',
+                                 "Not sent: the sample event does not pass spec.eventConfig (filters apply to "
+                                 "tests, as in Quay)")
+            return
+        self.book.start_test(key, value, event.id, 'Queued', "Sample event queued")
+        await self.enqueue(event, only=key)
+
+    def reset(self, key: NotificationKey) -> None:
+        """Zero the failure count and re-enable a disabled notification."""
+        self.book.reset(key)
 
     async def enqueue(self, event: Event, only: NotificationKey | None = None) -> int:
         """Queue deliveries of an event to its matching notifications (or to one of them)."""
-        matching = [n for n in self.routing.match(event) if only is None or n.key == only]
-        await self.outbox.add(PendingDelivery(event=event, key=n.key) for n in matching)
-        return len(matching)
+        keys = [n.key for n in self.routing.match(event) if only is None or n.key == only]
+        accepted = await self.outbox.accept(event, keys)
+        return accepted.matched

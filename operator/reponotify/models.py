@@ -65,7 +65,7 @@ class EventConfig(_Model):
         default=None, max_length=1024,
         description="Build events only: fire when this regular expression matches trigger_metadata.ref "
                     "at its start (Python re.match). Empty means always fire; a build without a ref never fires.")
-    level: int | str | None = pydantic.Field(
+    level: pydantic.StrictInt | str | None = pydantic.Field(  # strict: YAML `true` is not level 1
         default=None,
         description="vulnerability_found only: the lowest priority that fires, by name "
                     f"({', '.join(PRIORITIES)}) or by Quay's index 0..5 (0 is Critical).",
@@ -154,6 +154,17 @@ class DeliveryCounters(_Model):
 RECENT_DELIVERIES = 10
 
 
+class TestResult(_Model):
+    """The last test requested with the reponotify.dev/test annotation (or the standalone test endpoint)."""
+    value: str = pydantic.Field(description="The annotation value that requested the test.")
+    eventId: str | None = pydantic.Field(default=None, description="The id of the sample event sent.")
+    time: str = pydantic.Field(description="When this outcome was recorded (RFC 3339).")
+    outcome: str = pydantic.Field(
+        description="Queued, then the delivery's outcome; Filtered when eventConfig suppresses the sample "
+                    "(as in Quay); NotRouted when the notification is not ready.")
+    message: str = pydantic.Field(default='', description="What happened, for people.")
+
+
 class RepositoryNotificationStatus(_Model):
     """What the operator observed and did; written by the operator only."""
     observedGeneration: int | None = pydantic.Field(
@@ -167,6 +178,7 @@ class RepositoryNotificationStatus(_Model):
         default_factory=DeliveryCounters, description="Counts of final delivery outcomes.")
     recentDeliveries: Annotated[list[Delivery], pydantic.Field(max_length=RECENT_DELIVERIES)] = pydantic.Field(
         default_factory=list, description="The last few delivery outcomes, newest first.")
+    lastTest: TestResult | None = pydantic.Field(default=None, description="The last test notification.")
 
 
 class RepositoryNotification(_Model):

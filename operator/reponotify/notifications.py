@@ -13,6 +13,7 @@ Error messages never contain config values: those may be secrets.
 """
 import dataclasses
 import re
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -161,33 +162,67 @@ async def resolve_config(
         namespace: str,
         secrets: SecretSource,
 ) -> MethodConfig:
-    """Replace ``<field>From`` references by Secret values, then validate the method's config."""
-    secret_fields = method.config_model.secret_fields
-    resolved: dict[str, Any] = {}
-    for field, value in raw_config.items():
-        if not field.endswith('From'):
-            resolved.setdefault(field, value)
-            continue
-        plain = field.removesuffix('From')
-        if plain not in secret_fields:
-            allowed = ', '.join(f"{name}From" for name in secret_fields) or 'none'
-            raise InvalidSpec(f"spec.config.{field}: {method.name} does not take this field from a Secret "
-                              f"(it takes: {allowed})")
-        if plain in raw_config:
-            raise InvalidSpec(f"spec.config: give either {plain} or {field}, not both")
-        resolved[plain] = await _read_reference(field, value, namespace, secrets)
+    """
+    Replace ``<field>From`` references by Secret values, then validate the method's config.
+
+    A config section whose type is itself a :class:`MethodConfig` (the webhook's ``tls``)
+    takes its own ``<field>From`` references, by its own ``secret_fields``.
+    """
+    resolved = await _resolve_references(raw_config, method.config_model, method.name, 'spec.config',
+                                         namespace, secrets)
     try:
         return method.config_model.model_validate(resolved)
     except pydantic.ValidationError as exc:
         raise InvalidSpec(describe_errors(exc, prefix='spec.config')) from None
 
 
-async def _read_reference(field: str, value: Any, namespace: str, secrets: SecretSource) -> str:
+async def _resolve_references(
+        raw: Mapping[str, Any],
+        model: type[MethodConfig],
+        method_name: str,
+        path: str,
+        namespace: str,
+        secrets: SecretSource,
+) -> dict[str, Any]:
+    secret_fields = model.secret_fields
+    resolved: dict[str, Any] = {}
+    for field, value in raw.items():
+        section = _section_model(model, field)
+        if section is not None and isinstance(value, Mapping):
+            resolved[field] = await _resolve_references(value, section, method_name, f"{path}.{field}",
+                                                        namespace, secrets)
+            continue
+        if not field.endswith('From'):
+            resolved.setdefault(field, value)
+            continue
+        plain = field.removesuffix('From')
+        if plain not in secret_fields:
+            allowed = ', '.join(f"{name}From" for name in secret_fields) or 'none'
+            raise InvalidSpec(f"{path}.{field}: {method_name} does not take this field from a Secret "
+                              f"(it takes: {allowed})")
+        if plain in raw:
+            raise InvalidSpec(f"{path}: give either {plain} or {field}, not both")
+        resolved[plain] = await _read_reference(f"{path}.{field}", value, namespace, secrets)
+    return resolved
+
+
+def _section_model(model: type[MethodConfig], field: str) -> type[MethodConfig] | None:
+    """The config model of a nested section (``tls: TlsConfig | None``), if ``field`` is one."""
+    info = model.model_fields.get(field)
+    if info is None:
+        return None
+    for candidate in (info.annotation, *typing.get_args(info.annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, MethodConfig):
+            return candidate
+    return None
+
+
+async def _read_reference(where: str, value: Any, namespace: str, secrets: SecretSource) -> str:
     ref = value.get('secretKeyRef') if isinstance(value, Mapping) else None
     name = ref.get('name') if isinstance(ref, Mapping) else None
     key = ref.get('key') if isinstance(ref, Mapping) else None
     if not isinstance(name, str) or not isinstance(key, str) or not name or not key:
-        raise InvalidSpec(f"spec.config.{field} must be {{secretKeyRef: {{name: ..., key: ...}}}}")
+        raise InvalidSpec(f"{where} must be {{secretKeyRef: {{name: ..., key: ...}}}}")
     return await secrets.read(namespace, name, key)
 
 

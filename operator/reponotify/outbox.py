@@ -1,23 +1,78 @@
 """
-The outbox: one pending delivery per (event, matching notification).
+The durable outbox: accepted events and their pending deliveries, in SQLite.
 
-The receiver puts deliveries in; the dispatcher takes those that are due,
-and either completes them or puts them back with a later due time. This
-implementation keeps them in memory: a restart loses what is pending. The
-interface is what a durable outbox must offer too.
+An event is answered ``202`` only once it and one pending delivery per
+matching notification are committed to disk (WAL mode, ``synchronous=FULL``).
+Under load, concurrent requests share one commit (group commit): a writer
+thread takes every request queued so far and commits them in one transaction,
+so the fsync cost is paid per batch, not per event.
+
+The dispatcher takes due deliveries from an in-memory heap that mirrors the
+table; on start the heap is refilled from disk, so nothing accepted is lost
+to a crash or a restart. A delivery row is deleted only after its final
+outcome is recorded; its id is the ``webhook-id`` targets see, the same on
+every retry and after a restart.
+
+``Idempotency-Key`` values (and their answers) are kept in the same database
+for a configurable window, so a retried request is accepted once, also across
+restarts.
 """
 import asyncio
+import concurrent.futures
 import dataclasses
+import datetime
 import heapq
 import itertools
+import json
+import pathlib
+import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from reponotify.events import Event
 from reponotify.notifications import NotificationKey
 
 Clock = Callable[[], float]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    received_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY,
+    event_id TEXT NOT NULL REFERENCES events(id),
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    due REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries(event_id);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    matched INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency(created);
+"""
+
+
+class OutboxError(Exception):
+    """The outbox database cannot be used; the message says which file and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    """What the receiver answers for an accepted event."""
+    id: str
+    matched: int
+    replayed: bool = False
 
 
 @dataclasses.dataclass
@@ -30,30 +85,184 @@ class PendingDelivery:
     due: float = 0.0
 
 
-class MemoryOutbox:
-    """Pending deliveries in a heap ordered by due time."""
+@dataclasses.dataclass
+class _Submission:
+    """One write for the next group commit: an accepted event, or a delivery to update or delete."""
+    action: str  # 'accept' | 'update' | 'delete'
+    event: Event
+    keys: Sequence[NotificationKey] = ()
+    idempotency_key: str | None = None
+    delivery: PendingDelivery | None = None
+    future: asyncio.Future[Any] | None = None
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+
+class Outbox:
+    """Pending deliveries on disk, with an in-memory schedule of what is due when."""
+
+    def __init__(self, path: pathlib.Path | str, *, clock: Clock = time.time,
+                 idempotency_window: float = 24 * 3600, max_batch: int = 1000) -> None:
+        self._path = str(path)
         self._clock = clock
+        self._idempotency_window = idempotency_window
+        self._max_batch = max_batch
+        self._db: sqlite3.Connection | None = None
+        # One thread owns the connection: SQLite work never blocks the event loop.
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='outbox')
         self._heap: list[tuple[float, int, PendingDelivery]] = []
         self._sequence = itertools.count()
-        self._wakeup = asyncio.Condition()
         self._pending: dict[str, PendingDelivery] = {}
+        self._wakeup: asyncio.Condition | None = None
+        self._submissions: list[_Submission] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._submitted: asyncio.Event | None = None
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    async def add(self, deliveries: Iterable[PendingDelivery]) -> None:
-        """Queue new deliveries, due now."""
-        async with self._wakeup:
-            for delivery in deliveries:
-                delivery.due = self._clock()
-                self._push(delivery)
-            self._wakeup.notify_all()
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> int:
+        """Open (or create) the database and load what is pending; returns how many deliveries."""
+        self._wakeup = asyncio.Condition()
+        self._submitted = asyncio.Event()
+        rows = await self._run(self._open_database)
+        for delivery in rows:
+            self._push(delivery)
+        self._writer = asyncio.create_task(self._write_batches(), name='outbox-writer')
+        return len(rows)
+
+    async def close(self) -> None:
+        """Write what is still queued, then close the database."""
+        if self._writer is not None:
+            while self._submissions and not self._writer.done():
+                await asyncio.sleep(0.01)
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._thread.shutdown(wait=True)
+
+    def _open_database(self) -> list[PendingDelivery]:
+        if self._path != ':memory:':
+            pathlib.Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            db.execute('PRAGMA journal_mode=WAL')
+            db.execute('PRAGMA synchronous=FULL')
+            check = db.execute('PRAGMA quick_check').fetchone()[0]
+            if check != 'ok':
+                raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+            db.executescript(SCHEMA)
+            rows = db.execute(
+                'SELECT d.id, d.namespace, d.name, d.attempts, d.due, e.id, e.kind, e.repository, e.payload, '
+                'e.received_at FROM deliveries d JOIN events e ON e.id = d.event_id').fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise OutboxError(f"{self._path}: cannot use the outbox database ({exc}); "
+                              "move the file away to start with an empty queue") from None
+        self._db = db
+        events: dict[str, Event] = {}
+        deliveries = []
+        for (delivery_id, namespace, name, attempts, due, event_id, kind, repository, payload,
+             received_at) in rows:
+            event = events.get(event_id)
+            if event is None:
+                event = events[event_id] = Event(
+                    id=event_id, kind=kind, repository=repository, payload=json.loads(payload),
+                    received_at=datetime.datetime.fromisoformat(received_at))
+            deliveries.append(PendingDelivery(event=event, key=NotificationKey(namespace, name), id=delivery_id,
+                                              attempts=attempts, due=due))
+        return deliveries
+
+    # -- accepting -------------------------------------------------------------------------------
+
+    async def accept(self, event: Event, keys: Sequence[NotificationKey],
+                     idempotency_key: str | None = None) -> Accepted:
+        """Durably queue one delivery per key; returns once committed (or the earlier answer for a key)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._submit(_Submission('accept', event, keys, idempotency_key, future=future))
+        accepted, deliveries = await future
+        if deliveries:
+            async with self._condition():
+                for delivery in deliveries:
+                    self._push(delivery)
+                self._condition().notify_all()
+        return accepted
+
+    def _submit(self, submission: _Submission) -> None:
+        assert self._submitted is not None, "the outbox is not open"
+        self._submissions.append(submission)
+        self._submitted.set()
+
+    async def _write_batches(self) -> None:
+        assert self._submitted is not None
+        while True:
+            await self._submitted.wait()
+            self._submitted.clear()
+            while self._submissions:
+                batch = self._submissions[:self._max_batch]
+                del self._submissions[:self._max_batch]
+                try:
+                    results = await self._run(self._commit, batch)
+                except Exception as exc:  # accepting requests get a 5xx; nothing half-written stays
+                    for submission in batch:
+                        if submission.future is not None and not submission.future.done():
+                            submission.future.set_exception(OutboxError(f"could not queue the event: {exc}"))
+                    continue
+                for submission, result in zip(batch, results):
+                    if submission.future is not None and not submission.future.done():
+                        submission.future.set_result(result)
+
+    def _commit(self, batch: list[_Submission]) -> list[Any]:
+        """Write a batch in one transaction (one fsync), in submission order."""
+        db = self._database()
+        now = self._clock()
+        results: list[Any] = []
+        db.execute('BEGIN IMMEDIATE')
+        try:
+            db.execute('DELETE FROM idempotency WHERE created < ?', (now - self._idempotency_window,))
+            for submission in batch:
+                if submission.action == 'accept':
+                    results.append(self._insert(db, submission, now))
+                elif submission.action == 'update':
+                    assert submission.delivery is not None
+                    results.append(self._update(db, submission.delivery))
+                else:
+                    assert submission.delivery is not None
+                    results.append(self._delete(db, submission.delivery))
+            db.execute('COMMIT')
+        except BaseException:
+            db.execute('ROLLBACK')
+            raise
+        return results
+
+    def _insert(self, db: sqlite3.Connection, submission: _Submission,
+                now: float) -> tuple[Accepted, list[PendingDelivery]]:
+        event = submission.event
+        if submission.idempotency_key is not None:
+            row = db.execute('SELECT event_id, matched FROM idempotency WHERE key = ?',
+                             (submission.idempotency_key,)).fetchone()
+            if row is not None:
+                return Accepted(id=row[0], matched=row[1], replayed=True), []
+            db.execute('INSERT INTO idempotency (key, event_id, matched, created) VALUES (?, ?, ?, ?)',
+                       (submission.idempotency_key, event.id, len(submission.keys), now))
+        deliveries = [PendingDelivery(event=event, key=key, due=now) for key in submission.keys]
+        if deliveries:
+            db.execute('INSERT INTO events (id, kind, repository, payload, received_at) VALUES (?, ?, ?, ?, ?)',
+                       (event.id, event.kind, event.repository, json.dumps(event.payload),
+                        event.received_at.isoformat()))
+            db.executemany('INSERT INTO deliveries (id, event_id, namespace, name, attempts, due) '
+                           'VALUES (?, ?, ?, ?, 0, ?)',
+                           [(d.id, event.id, d.key.namespace, d.key.name, now) for d in deliveries])
+        return Accepted(id=event.id, matched=len(deliveries)), deliveries
+
+    # -- dispatching -----------------------------------------------------------------------------
 
     async def take(self) -> PendingDelivery:
-        """Wait for the next due delivery and hand it out (it stays pending until completed)."""
-        async with self._wakeup:
+        """Wait for the next due delivery and hand it out (it stays on disk until completed)."""
+        condition = self._condition()
+        async with condition:
             while True:
                 if self._heap:
                     due, _, delivery = self._heap[0]
@@ -62,22 +271,60 @@ class MemoryOutbox:
                         heapq.heappop(self._heap)
                         return delivery
                     try:
-                        await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+                        await asyncio.wait_for(condition.wait(), timeout=delay)
                     except asyncio.TimeoutError:
                         pass
                 else:
-                    await self._wakeup.wait()
+                    await condition.wait()
 
     async def retry_later(self, delivery: PendingDelivery, delay: float) -> None:
-        async with self._wakeup:
-            delivery.due = self._clock() + delay
+        # Written with the next group commit; lost only in a crash, which repeats an attempt (at least once).
+        delivery.due = self._clock() + delay
+        self._submit(_Submission('update', delivery.event, delivery=delivery))
+        async with self._condition():
             self._push(delivery)
-            self._wakeup.notify_all()
+            self._condition().notify_all()
+
+    async def postpone(self, delivery: PendingDelivery, delay: float) -> None:
+        """Put a delivery back for a moment without an attempt (its target is busy): nothing to write."""
+        delivery.due = self._clock() + delay
+        async with self._condition():
+            self._push(delivery)
+            self._condition().notify_all()
 
     async def complete(self, delivery: PendingDelivery) -> None:
-        """The delivery has its final outcome recorded: forget it."""
+        """The delivery's final outcome is recorded: remove it (and its event, once nothing refers to it)."""
         self._pending.pop(delivery.id, None)
+        self._submit(_Submission('delete', delivery.event, delivery=delivery))
+
+    def oldest_due(self) -> float | None:
+        """When the longest-waiting pending delivery was due (for metrics), or None if none is."""
+        return min((delivery.due for delivery in self._pending.values()), default=None)
+
+    @staticmethod
+    def _update(db: sqlite3.Connection, delivery: PendingDelivery) -> None:
+        db.execute('UPDATE deliveries SET attempts = ?, due = ? WHERE id = ?',
+                   (delivery.attempts, delivery.due, delivery.id))
+
+    @staticmethod
+    def _delete(db: sqlite3.Connection, delivery: PendingDelivery) -> None:
+        db.execute('DELETE FROM deliveries WHERE id = ?', (delivery.id,))
+        db.execute('DELETE FROM events WHERE id = ? AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?)',
+                   (delivery.event.id, delivery.event.id))
+
+    # -- helpers ---------------------------------------------------------------------------------
 
     def _push(self, delivery: PendingDelivery) -> None:
         self._pending[delivery.id] = delivery
         heapq.heappush(self._heap, (delivery.due, next(self._sequence), delivery))
+
+    def _condition(self) -> asyncio.Condition:
+        assert self._wakeup is not None, "the outbox is not open"
+        return self._wakeup
+
+    def _database(self) -> sqlite3.Connection:
+        assert self._db is not None, "the outbox is not open"
+        return self._db
+
+    async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)

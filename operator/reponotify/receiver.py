@@ -6,16 +6,22 @@ The receiver: the HTTP service that takes repository events in.
 precise JSON error and changes nothing:
 
 =====  ==========================================================
- 401   no token, or the wrong one (when a token is configured)
+ 401   no or wrong credentials, when a token or an HMAC secret is configured
  404   an unknown event name (or an unknown path)
  413   a body over the limit (1 MiB by default)
+ 408   a body that does not arrive within the read timeout
+ 503   the receiver is shutting down (``Retry-After`` says when to retry)
  400   malformed JSON, or a bad ``Idempotency-Key``
  422   valid JSON that is not a Quay payload (no ``repository``, ...)
 =====  ==========================================================
 
-Also ``GET /healthz`` and ``GET /readyz``; front ends may add routes (the
-standalone mode adds ``GET /v1/notifications``).
+Also ``GET /v1/inbox?kind=&name=`` (the quay_notification inbox),
+``GET /healthz`` and ``GET /readyz``; front ends may add routes (the
+standalone mode adds ``/v1/notifications`` and its test and reset buttons).
 """
+import asyncio
+import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -25,8 +31,10 @@ from typing import Any
 
 from aiohttp import web
 
+from reponotify.config import ReceiverSettings
 from reponotify.engine import Engine
 from reponotify.events import EVENT_KINDS, EVENT_NAMES
+from reponotify.inbox import TARGET_KINDS
 from reponotify.models import REPOSITORY_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -35,8 +43,44 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_IDEMPOTENCY_KEY = 255
 _REPOSITORY = re.compile(REPOSITORY_PATTERN)
 
+DEFAULT_READ_TIMEOUT = 10.0  # seconds to receive a whole request body
+
+
+@dataclasses.dataclass(frozen=True)
+class Auth:
+    """How event endpoints authenticate: a bearer token, an HMAC of the body, either, or none."""
+    token: str | None = None
+    hmac_secret: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def required(self) -> bool:
+        return bool(self.token or self.hmac_secret)
+
+    def bearer_ok(self, request: web.Request) -> bool:
+        scheme, _, given = request.headers.get('Authorization', '').partition(' ')
+        return bool(self.token) and scheme.lower() == 'bearer' and hmac.compare_digest(
+            given.strip().encode(), (self.token or '').encode())
+
+    def signature_ok(self, request: web.Request, body: bytes) -> bool:
+        """``X-Signature: sha256=<hex HMAC-SHA256 of the body>``, compared in constant time."""
+        if not self.hmac_secret:
+            return False
+        expected = 'sha256=' + hmac.new(self.hmac_secret.encode(), body, hashlib.sha256).hexdigest()
+        return hmac.compare_digest(request.headers.get('X-Signature', '').strip().encode(), expected.encode())
+
+
+UNAUTHORIZED = "missing or wrong credentials (Authorization: Bearer <token>, or X-Signature: sha256=<hmac>)"
+
+
+@dataclasses.dataclass
+class ReceiverState:
+    accepting: bool = True  # False while shutting down: event endpoints answer 503
+
+
 ENGINE: web.AppKey[Engine] = web.AppKey('engine', Engine)
-TOKEN: web.AppKey[str | None] = web.AppKey('token', str)
+AUTH: web.AppKey[Auth] = web.AppKey('auth', Auth)
+STATE: web.AppKey[ReceiverState] = web.AppKey('state', ReceiverState)
+READ_TIMEOUT: web.AppKey[float] = web.AppKey('read_timeout', float)
 
 
 def error(status: int, message: str) -> web.Response:
@@ -60,29 +104,44 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
         return error(exc.status, messages.get(exc.status, exc.reason))
 
 
-def authorized(request: web.Request) -> bool:
-    token = request.app[TOKEN]
-    if not token:
-        return True
-    scheme, _, given = request.headers.get('Authorization', '').partition(' ')
-    return scheme.lower() == 'bearer' and hmac.compare_digest(given.strip().encode(), token.encode())
+def authorized(request: web.Request, body: bytes = b'') -> bool:
+    """Whether a request carries the configured credentials (always, when none are configured)."""
+    auth = request.app[AUTH]
+    return not auth.required or auth.bearer_ok(request) or auth.signature_ok(request, body)
+
+
+async def read_body(request: web.Request) -> bytes | web.Response:
+    """The whole body, or the error response: 413 past the limit, 408 when it trickles in too slowly."""
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        return error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        async with asyncio.timeout(request.app[READ_TIMEOUT]):
+            return await request.read()  # aiohttp raises 413 past client_max_size without Content-Length
+    except TimeoutError:
+        return error(408, f"request body not received within {request.app[READ_TIMEOUT]:g}s")
 
 
 async def post_event(request: web.Request) -> web.Response:
-    if not authorized(request):
-        return error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+    if not request.app[STATE].accepting:
+        return web.json_response({'error': "shutting down: not accepting events; retry shortly"}, status=503,
+                                 headers={'Retry-After': '5'})
+    auth = request.app[AUTH]
+    if auth.required and not auth.hmac_secret and not auth.bearer_ok(request):
+        return error(401, UNAUTHORIZED)  # no need to read the body of a request that cannot be right
     kind = request.match_info['event']
     if kind not in EVENT_KINDS:
         return error(404, f"unknown event {kind!r}; known events: {', '.join(EVENT_NAMES)}")
     idempotency_key = request.headers.get('Idempotency-Key')
     if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
         return error(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        return error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
 
-    body = await request.read()  # aiohttp raises 413 past client_max_size when there is no Content-Length
+    body = await read_body(request)
+    if isinstance(body, web.Response):
+        return body
+    if not authorized(request, body):
+        return error(401, UNAUTHORIZED)
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         return error(400, f"body is not valid JSON: {exc}" if isinstance(exc, ValueError)
                      else "body is not valid JSON: nested too deeply")
@@ -93,6 +152,12 @@ async def post_event(request: web.Request) -> web.Response:
     accepted = await request.app[ENGINE].ingest(kind, payload, idempotency_key=idempotency_key)
     headers = {'Idempotent-Replayed': 'true'} if accepted.replayed else None
     return web.json_response({'id': accepted.id, 'matched': accepted.matched}, status=202, headers=headers)
+
+
+def _not_json(constant: str) -> Any:
+    # Python's json accepts NaN and Infinity; they are not JSON (RFC 8259), and forwarding them
+    # would send invalid JSON to webhook targets.
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def payload_problem(payload: Any) -> str | None:
@@ -109,19 +174,47 @@ def payload_problem(payload: Any) -> str | None:
     return None
 
 
+async def get_inbox(request: web.Request) -> web.Response:
+    """The latest quay_notification entries for one audience, newest first."""
+    if not authorized(request):
+        return error(401, UNAUTHORIZED)
+    kind, name = request.query.get('kind'), request.query.get('name')
+    if kind not in TARGET_KINDS or not name:
+        return error(400, f"query must name an audience: ?kind=<{'|'.join(TARGET_KINDS)}>&name=<name>")
+    entries = request.app[ENGINE].inbox.latest(kind, name)
+    return web.json_response({'kind': kind, 'name': name, 'items': [entry.to_json() for entry in entries]})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({'status': 'ok'})
 
 
-def make_app(engine: Engine, *, token: str | None = None) -> web.Application:
+def make_app(engine: Engine, *, token: str | None = None, hmac_secret: str | None = None,
+             read_timeout: float = DEFAULT_READ_TIMEOUT) -> web.Application:
     """The receiver application; the caller runs it (see :func:`serve`)."""
     app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
     app[ENGINE] = engine
-    app[TOKEN] = token or None
+    app[AUTH] = Auth(token=token or None, hmac_secret=hmac_secret or None)
+    app[STATE] = ReceiverState()
+    app[READ_TIMEOUT] = read_timeout
     app.router.add_post('/v1/events/{event}', post_event)
+    app.router.add_get('/v1/inbox', get_inbox)
     app.router.add_get('/healthz', healthz)
     app.router.add_get('/readyz', healthz)
     return app
+
+
+def make_receiver(engine: Engine, settings: ReceiverSettings) -> web.Application:
+    """The receiver application configured from the command line's settings."""
+    return make_app(engine, token=settings.token, hmac_secret=settings.hmac_secret,
+                    read_timeout=settings.read_timeout)
+
+
+async def shut_down(app: web.Application, runner: web.AppRunner, grace: float) -> None:
+    """Graceful stop: answer 503 to new events, let attempts in flight finish within ``grace``, stop."""
+    app[STATE].accepting = False
+    await app[ENGINE].stop(grace)
+    await runner.cleanup()
 
 
 async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:

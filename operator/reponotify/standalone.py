@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pathlib
+import signal
 from typing import Any
 
 import yaml
@@ -23,13 +24,15 @@ from aiohttp import web
 from reponotify.config import Settings
 from reponotify.engine import Engine
 from reponotify.models import API_VERSION, KIND
-from reponotify.notifications import InvalidSpec, NotificationKey, SecretNotFound, SpecError, compile_notification
-from reponotify.receiver import ENGINE, make_app, serve
-from reponotify.status import ReadyCondition
+from reponotify.notifications import NotificationKey, SecretNotFound, SpecError, compile_notification
+from reponotify.outbox import OutboxError
+from reponotify.receiver import ENGINE, UNAUTHORIZED, authorized, error, make_receiver, serve, shut_down
+from reponotify.status import ReadyCondition, now_rfc3339
 
 logger = logging.getLogger(__name__)
 
 STATUS_FILE = 'status.json'
+OUTBOX_FILE = 'outbox.sqlite3'
 
 
 class ManifestError(Exception):
@@ -162,25 +165,62 @@ async def list_notifications(request: web.Request) -> web.Response:
     return web.json_response({'items': items})
 
 
+def _known_key(request: web.Request) -> NotificationKey | None:
+    key = NotificationKey(request.match_info['namespace'], request.match_info['name'])
+    return key if key in request.app[MANIFESTS].notifications else None
+
+
+async def test_notification(request: web.Request) -> web.Response:
+    """The standalone "Test Notification" button: send the event's sample payload once."""
+    if not authorized(request):
+        return error(401, UNAUTHORIZED)
+    key = _known_key(request)
+    if key is None:
+        return error(404, f"no notification {request.match_info['namespace']}/{request.match_info['name']}")
+    engine = request.app[ENGINE]
+    await engine.send_test(key, value=now_rfc3339())
+    return web.json_response({'lastTest': engine.book.status(key)['lastTest']}, status=202)
+
+
+async def reset_notification(request: web.Request) -> web.Response:
+    """The standalone "re-enable" button: zero the failures of a notification."""
+    if not authorized(request):
+        return error(401, UNAUTHORIZED)
+    key = _known_key(request)
+    if key is None:
+        return error(404, f"no notification {request.match_info['namespace']}/{request.match_info['name']}")
+    engine = request.app[ENGINE]
+    engine.reset(key)
+    return web.json_response({'status': engine.book.status(key)})
+
+
 async def run_standalone(settings: Settings, folder: pathlib.Path, *, stop: asyncio.Event | None = None,
                          started: asyncio.Event | None = None) -> None:
     """Serve the folder's notifications until ``stop`` is set (or forever)."""
     manifests = load_manifests(folder)
     status_file = StatusFile(settings.state_dir / STATUS_FILE)
-    engine = Engine(settings.engine)
+    engine = Engine(settings.engine, outbox_path=settings.state_dir / OUTBOX_FILE)
     await load_into(engine, manifests, status_file.load())
-    app = make_app(engine, token=settings.receiver.token)
+    app = make_receiver(engine, settings.receiver)
     app[MANIFESTS] = manifests
     app.router.add_get('/v1/notifications', list_notifications)
-    await engine.start(status_file)
+    app.router.add_post('/v1/notifications/{namespace}/{name}/test', test_notification)
+    app.router.add_post('/v1/notifications/{namespace}/{name}/reset', reset_notification)
+    try:
+        await engine.start(status_file)
+    except OutboxError as exc:
+        raise ManifestError(str(exc)) from None
     await engine.flush_status()
     runner = await serve(app, settings.receiver.host, settings.receiver.port)
     logger.info("Standalone: %d notifications from %s, %d routed", len(manifests.notifications), folder,
                 len(engine.routing))
+    if stop is None:  # run as a program: SIGTERM and SIGINT stop gracefully
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     try:
         if started is not None:
             started.set()
-        await (stop.wait() if stop is not None else asyncio.Event().wait())
+        await stop.wait()
     finally:
-        await runner.cleanup()
-        await engine.stop()
+        await shut_down(app, runner, settings.shutdown_grace)

@@ -72,6 +72,7 @@ class _Entry:
         default_factory=lambda: collections.deque(maxlen=RECENT_DELIVERIES))
     ready: ReadyCondition | None = None
     ready_since: str = dataclasses.field(default_factory=now_rfc3339)
+    last_test: dict[str, Any] | None = None
 
 
 TransitionListener = Callable[[NotificationKey, ReadyCondition | None, ReadyCondition], None]
@@ -98,6 +99,7 @@ class StatusBook:
         for name in entry.counters:
             entry.counters[name] = int((status.get('deliveries') or {}).get(name) or 0)
         entry.recent.extend(status.get('recentDeliveries') or [])
+        entry.last_test = status.get('lastTest') or None
         for condition in status.get('conditions') or []:
             if condition.get('type') == 'Ready':
                 entry.ready = ReadyCondition(condition.get('status', 'Unknown'), condition.get('reason', ''),
@@ -124,6 +126,18 @@ class StatusBook:
         self._update_ready(key, entry)
         self._mark(key)
 
+    def start_test(self, key: NotificationKey, value: str, event_id: str | None, outcome: str,
+                   message: str) -> None:
+        """Record a test request (the reponotify.dev/test annotation's value); its delivery updates it."""
+        entry = self._entry(key)
+        entry.last_test = {'value': value, 'eventId': event_id, 'time': now_rfc3339(), 'outcome': outcome,
+                           'message': message}
+        self._mark(key)
+
+    def last_test_value(self, key: NotificationKey) -> str | None:
+        entry = self._entries.get(key)
+        return entry.last_test.get('value') if entry is not None and entry.last_test else None
+
     # -- what the dispatcher says --------------------------------------------------------------
 
     def is_disabled(self, key: NotificationKey) -> bool:
@@ -143,6 +157,8 @@ class StatusBook:
         entry = self._entry(key)
         status = record.to_status()
         entry.last_delivery = status
+        if entry.last_test is not None and entry.last_test.get('eventId') == record.event_id:
+            entry.last_test.update(outcome=record.outcome.value, message=record.message, time=record.time)
         counter = {
             DeliveryOutcome.SUCCEEDED: 'succeeded',
             DeliveryOutcome.FAILED: 'failed',
@@ -172,6 +188,7 @@ class StatusBook:
             'lastDelivery': entry.last_delivery,
             'deliveries': dict(entry.counters),
             'recentDeliveries': list(entry.recent),
+            **({'lastTest': dict(entry.last_test)} if entry.last_test else {}),
         }
 
     # -- dirty tracking for the flusher --------------------------------------------------------

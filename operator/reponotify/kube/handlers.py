@@ -8,9 +8,11 @@ the engine's status book; the book's flusher writes status through
 spec, so they never trigger these handlers again.
 
 * create / update of ``spec`` / resume: compile and route; ``Ready`` says why not.
-* a missing Secret: ``SecretNotFound``, retried every 30 s until it appears.
+* a missing Secret: ``SecretNotFound``, retried every 30 s (``secret_retry_delay``) until it appears.
 * ``suspend: true``: not routed, ``Ready=False`` with reason ``Suspended``.
 * deletion: unrouted at once (no finalizer: there is nothing outside to clean).
+* annotation ``reponotify.dev/test``: each new value sends the event's sample once.
+* annotation ``reponotify.dev/reset``: each new value re-enables a disabled notification.
 """
 import asyncio
 import base64
@@ -26,12 +28,15 @@ from reponotify.engine import Engine
 from reponotify.kube.client import KubeClient
 from reponotify.models import GROUP, PLURAL, VERSION
 from reponotify.notifications import InvalidSpec, NotificationKey, SecretNotFound, SpecError, compile_notification
-from reponotify.receiver import make_app, serve
+from reponotify.outbox import OutboxError
+from reponotify.receiver import make_receiver, serve, shut_down
 from reponotify.status import ReadyCondition
 
 logger = logging.getLogger(__name__)
 
 SECRET_RETRY_DELAY = 30.0
+TEST_ANNOTATION = f'{GROUP}/test'  # "Test Notification": any new value sends the sample event once
+RESET_ANNOTATION = f'{GROUP}/reset'  # "Re-enable": any new value zeroes the failure count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +44,7 @@ class OperatorSettings:
     """What the operator front end needs beyond the common settings."""
     common: Settings
     kube_api_url: str | None = None  # talk to this API server without credentials (development, tests)
+    secret_retry_delay: float = SECRET_RETRY_DELAY  # seconds between checks for a missing Secret
 
 
 class KubeSecrets:
@@ -73,22 +79,33 @@ class KubeStatusSink:
 def build_registry(options: OperatorSettings, engine: Engine | None = None) -> kopf.OperatorRegistry:
     """A registry with all of the operator's handlers, bound to one engine."""
     registry = kopf.OperatorRegistry()
-    engine = engine or Engine(options.common.engine)
+    engine = engine or Engine(options.common.engine, outbox_path=options.common.state_dir / 'outbox.sqlite3')
     credentials: list[kopf.ConnectionInfo] = []
     client = KubeClient(lambda: credentials[-1] if credentials else None)
     secrets = KubeSecrets(client)
     background: set[asyncio.Task[None]] = set()
     runners: list[Any] = []
+    # Each resource's metadata.uid, for the Events' involvedObject: `kubectl describe` selects
+    # Events by involvedObject.uid, so an Event without it is never shown there.
+    uids: dict[NotificationKey, str] = {}
 
-    def announce(key: NotificationKey, old: ReadyCondition | None, new: ReadyCondition) -> None:
-        # Ready transitions become Kubernetes Events: Normal when ready, Warning when not.
-        if new.reason == 'Pending':
-            return
-        task = asyncio.get_running_loop().create_task(_post_event(client, key, new))
+    def post_event_later(key: NotificationKey, type: str, reason: str, message: str) -> None:
+        task = asyncio.get_running_loop().create_task(_post_event(client, key, uids.get(key), type, reason, message))
         background.add(task)
         task.add_done_callback(background.discard)
 
-    engine.book.on_transition = announce
+    def announce_transition(key: NotificationKey, old: ReadyCondition | None, new: ReadyCondition) -> None:
+        # Ready transitions become Kubernetes Events: Normal when ready, Warning when not.
+        if new.reason != 'Pending':
+            post_event_later(key, 'Normal' if new.status == 'True' else 'Warning', new.reason, new.message)
+
+    async def announce_delivery(namespace: str, name: str, reason: str, message: str) -> None:
+        # The quay_notification method's Kubernetes Event: a failure fails (and retries) the delivery.
+        await client.post_event(namespace, name, uids.get(NotificationKey(namespace, name)),
+                                type='Normal', reason=reason, message=message)
+
+    engine.book.on_transition = announce_transition
+    engine.dispatcher.announce = announce_delivery
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -107,15 +124,18 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         settings.posting.enabled = False  # our own Events, about notifications, not handler logs
-        await engine.start(KubeStatusSink(client))
+        try:
+            await engine.start(KubeStatusSink(client))
+        except OutboxError as exc:
+            raise kopf.PermanentError(str(exc)) from None  # stop, saying why, rather than lose the queue
         receiver = options.common.receiver
-        runners.append(await serve(make_app(engine, token=receiver.token), receiver.host, receiver.port))
+        app = make_receiver(engine, receiver)
+        runners.append((app, await serve(app, receiver.host, receiver.port)))
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
-        for runner in runners:
-            await runner.cleanup()
-        await engine.stop()
+        for app, runner in runners:
+            await shut_down(app, runner, options.common.shutdown_grace)
         await asyncio.gather(*background, return_exceptions=True)
         await client.close()
 
@@ -140,28 +160,52 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
             engine.book.set_spec_condition(key, ReadyCondition('False', exc.reason, str(exc)), generation)
             await engine.flush_status()
             if isinstance(exc, SecretNotFound):
-                raise kopf.TemporaryError(str(exc), delay=SECRET_RETRY_DELAY)
+                raise kopf.TemporaryError(str(exc), delay=options.secret_retry_delay)
             return
         engine.put_notification(notification)
         message = f"Routing {notification.event} events of {notification.repository} to {notification.method.name}"
         engine.book.set_spec_condition(key, ReadyCondition('True', 'Accepted', message), generation)
         await engine.flush_status()
 
+    @kopf.on.field(GROUP, VERSION, PLURAL, field=('metadata', 'annotations', TEST_ANNOTATION),
+                   registry=registry)
+    async def test_button(new: Any, namespace: str, name: str, **_: Any) -> None:
+        key = NotificationKey(namespace, name)
+        if not new or engine.book.last_test_value(key) == str(new):
+            return  # removed, or this value was handled already: one test per distinct value
+        await engine.send_test(key, str(new))
+        test = engine.book.status(key)['lastTest']
+        post_event_later(key, 'Normal', 'TestRequested', f"Test notification: {test['outcome']}: {test['message']}")
+        await engine.flush_status()
+
+    @kopf.on.field(GROUP, VERSION, PLURAL, field=('metadata', 'annotations', RESET_ANNOTATION),
+                   registry=registry)
+    async def reset_button(new: Any, namespace: str, name: str, **_: Any) -> None:
+        if not new:
+            return
+        key = NotificationKey(namespace, name)
+        engine.reset(key)
+        post_event_later(key, 'Normal', 'Reset', "Failure count reset by the reponotify.dev/reset annotation")
+        await engine.flush_status()
+
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def forget(type: str, body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+        # Event handlers run before the changing handlers of the same event: the uid is known to them.
+        key = NotificationKey(namespace, name)
         if type == 'DELETED' or body.metadata.get('deletionTimestamp'):
-            key = NotificationKey(namespace, name)
             engine.remove_notification(key)
             engine.book.forget(key)
+            uids.pop(key, None)
+        elif body.metadata.get('uid'):
+            uids[key] = body.metadata['uid']
 
     return registry
 
 
-async def _post_event(client: KubeClient, key: NotificationKey, condition: ReadyCondition) -> None:
+async def _post_event(client: KubeClient, key: NotificationKey, uid: str | None, type: str, reason: str,
+                      message: str) -> None:
     try:
-        await client.post_event(key.namespace, key.name, None,
-                                type='Normal' if condition.status == 'True' else 'Warning',
-                                reason=condition.reason, message=condition.message)
+        await client.post_event(key.namespace, key.name, uid, type=type, reason=reason, message=message)
     except Exception as exc:  # Events are best effort: never fail a reconciliation for them
         logger.warning("Could not post an Event for %s: %s", key, exc)
 

@@ -21,6 +21,16 @@ _ENVIRONMENT = jinja2.Environment(
     lstrip_blocks=True,
 )
 
+
+
+def safe_url(value: Any) -> str:
+    """A link target from a payload: only http(s) URLs; anything else (javascript:, data:) becomes "#"."""
+    text = str(value or '').strip()
+    return text if text.lower().startswith(('http://', 'https://')) else '#'
+
+
+_ENVIRONMENT.filters['safe_url'] = safe_url
+
 # Which template and which verb each kind renders with.
 _TEMPLATES: dict[str, tuple[str, str]] = {
     'repo_push': ('repo_push.html', ''),

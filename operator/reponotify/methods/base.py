@@ -14,8 +14,11 @@ import asyncio
 import dataclasses
 import datetime
 import email.utils
+import errno
 import json
-from collections.abc import Mapping
+import re
+import ssl as _ssl
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -23,6 +26,8 @@ import aiohttp
 import pydantic
 
 from reponotify.events import Event
+from reponotify.inbox import Inbox
+from reponotify.targets import TargetRefused
 
 DEFAULT_TIMEOUT = 10.0  # seconds, as Quay's NOTIFICATION_SEND_TIMEOUT
 
@@ -57,6 +62,10 @@ class MethodSettings:
     smtp: SmtpSettings = SmtpSettings()
 
 
+# Posts a Kubernetes Event on a notification: (namespace, name, reason, message). Operator only.
+Announce = Callable[[str, str, str, str], Awaitable[None]]
+
+
 @dataclasses.dataclass(frozen=True)
 class DeliveryContext:
     """What a method needs beyond its own config for one attempt."""
@@ -64,6 +73,9 @@ class DeliveryContext:
     delivery_id: str  # stable across retries of the same delivery
     timeout: float = DEFAULT_TIMEOUT
     settings: MethodSettings = MethodSettings()
+    notification: tuple[str, str] = ('', '')  # (namespace, name) of the notification delivered to
+    inbox: Inbox | None = None
+    announce: Announce | None = None
 
 
 class MethodConfig(pydantic.BaseModel):
@@ -81,14 +93,27 @@ class Method(abc.ABC):
         """Turn a validated config into what :meth:`deliver` uses (compiled once per resource version)."""
         return config
 
+    def target_key(self, target: Any) -> str | None:
+        """What identifies the target for per-target concurrency limits (None: the notification itself)."""
+        return None
+
     @abc.abstractmethod
     async def deliver(self, target: Any, event: Event, context: DeliveryContext) -> AttemptResult:
         """Make one attempt; never raise for a delivery failure, report it."""
 
 
+def url_target_key(url: str) -> str:
+    """scheme://host:port of a URL, without credentials or path: one target for concurrency limits."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
 def http_url(value: str) -> str:
     """Check that a URL is http(s) with a host; the error never repeats the URL (it may be secret)."""
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # urlsplit's messages quote the URL's netloc, credentials included
+        raise ValueError("is not a valid URL") from None
     if parts.scheme not in ('http', 'https'):
         raise ValueError("must be an http:// or https:// URL")
     if not parts.hostname:
@@ -108,11 +133,13 @@ async def post_json(
     """
     POST a JSON body and classify the answer the way the dispatcher needs it.
 
+    ``body`` is serialised with :func:`json.dumps`, unless it is ``bytes``:
+    those are sent as they are (already serialised JSON, e.g. signed bytes).
     2xx succeeds. 408, 429, 5xx and transport errors are retried; other codes
     (redirects included: they are never followed) are final. Messages name the
     status code and ``what`` was called, never the URL, which may be a secret.
     """
-    data = json.dumps(body).encode()
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
     all_headers = {'Content-Type': 'application/json', **(headers or {})}
     try:
         async with context.http.post(
@@ -121,11 +148,16 @@ async def post_json(
         ) as response:
             await response.read()
             return classify_status(response.status, response.headers.get('Retry-After'), what=what)
+    except TargetRefused as exc:
+        return AttemptResult(ok=False, retryable=False, message=str(exc))
     except asyncio.TimeoutError:
         return AttemptResult(ok=False, message=f"{what} did not answer within {context.timeout:g}s")
     except aiohttp.ClientSSLError as exc:
         return AttemptResult(ok=False, message=f"TLS error talking to {what}: {_reason(exc)}")
     except aiohttp.ClientError as exc:
+        tls_reason = _tls_reason(exc, url)
+        if tls_reason:
+            return AttemptResult(ok=False, message=f"TLS error talking to {what}: {tls_reason}")
         return AttemptResult(ok=False, message=f"could not reach {what}: {type(exc).__name__}: {_reason(exc)}")
 
 
@@ -160,7 +192,40 @@ def _reason(exc: BaseException) -> str:
     # aiohttp puts the URL into some messages (ClientConnectorError's str has host:port, which is fine;
     # InvalidURL has the whole URL, which may carry credentials): name the class and the OS reason only.
     if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, _ssl.SSLError):
+            return _ssl_text(exc.os_error)
         return exc.os_error.strerror or type(exc.os_error).__name__
     if isinstance(exc, aiohttp.InvalidURL):
         return "invalid URL"
     return str(exc).split(':', 1)[0] if str(exc) else type(exc).__name__
+
+
+_SSL_TEXT = re.compile(r'^(?:\[[A-Z0-9_]+: [A-Z0-9_]+\] )?(?P<text>.*?)(?: \(_ssl\.c:\d+\))?$')
+
+
+def _ssl_text(exc: _ssl.SSLError) -> str:
+    """OpenSSL's words without the ``[SSL: CODE]`` prefix and ``(_ssl.c:N)`` suffix."""
+    text = str(getattr(exc, 'verify_message', None) and f"certificate verify failed: {exc.verify_message}"
+               or exc.strerror or exc)
+    match = _SSL_TEXT.match(text)
+    return match.group('text') if match and match.group('text') else text
+
+
+def _tls_reason(exc: aiohttp.ClientError, url: str) -> str | None:
+    """
+    Why a request failed at the TLS layer once connected, if it did.
+
+    aiohttp reports a TLS alert received after the handshake (as TLS 1.3 servers send when a
+    required client certificate is missing) as a ClientOSError caused by an SSLError. Some
+    servers (asyncio's among them) drop the connection instead of sending the alert: over
+    HTTPS a reset then most likely means the same, so say so.
+    """
+    for candidate in (exc, exc.__cause__, getattr(exc, 'os_error', None)):
+        if isinstance(candidate, _ssl.SSLError):
+            return _ssl_text(candidate)
+    if urlsplit(url).scheme != 'https':
+        return None
+    causes = (exc, exc.__cause__, getattr(exc, 'os_error', None))
+    if any(isinstance(c, ConnectionResetError) or getattr(c, 'errno', None) == errno.ECONNRESET for c in causes):
+        return "connection reset (does the target require a TLS client certificate?)"
+    return None

@@ -20,7 +20,8 @@ import pydantic
 
 from reponotify.events import Event, Level
 from reponotify.messages import render_html
-from reponotify.methods.base import AttemptResult, DeliveryContext, Method, MethodConfig, http_url, post_json
+from reponotify.methods.base import (AttemptResult, DeliveryContext, Method, MethodConfig, http_url, post_json,
+                                     url_target_key)
 
 COLOURS: dict[Level, str] = {
     Level.INFO: '#ffffff',
@@ -97,6 +98,9 @@ def slack_body(event: Event, username: str) -> dict[str, Any]:
 class SlackMethod(Method):
     name: ClassVar[str] = 'slack'
     config_model: ClassVar[type[MethodConfig]] = SlackConfig
+
+    def target_key(self, target: Any) -> str | None:
+        return url_target_key(target.url.get_secret_value())
 
     async def deliver(self, target: Any, event: Event, context: DeliveryContext) -> AttemptResult:
         assert isinstance(target, SlackConfig)

@@ -1,0 +1,225 @@
+"""
+The ``reponotify`` command, run as a real subprocess.
+
+``standalone`` is configured only through ``REPONOTIFY_*`` environment variables; ``send``
+talks to it over HTTP; ``crd`` must print the checked-in CRD byte for byte; ``demo`` runs end to end.
+"""
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import socket
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import click
+import pytest
+
+from reponotify.cli import main
+from reponotify.events import sample_payload
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = pathlib.Path(sys.executable).parent / 'reponotify'
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, '-m', 'reponotify']
+UNAUTHORIZED = "missing or wrong credentials (Authorization: Bearer <token>, or X-Signature: sha256=<hmac>)"
+TOKEN = 'cli-test-token'
+
+
+def environment(**variables: str) -> dict[str, str]:
+    """The test's environment without any REPONOTIFY_* it may have, plus ``variables``."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith('REPONOTIFY_')}
+    env.update(variables)
+    return env
+
+
+async def run(*args: str, env: dict[str, str] | None = None, cwd: pathlib.Path = ROOT,
+              timeout: float = 60) -> tuple[int, bytes, bytes]:
+    process = await asyncio.create_subprocess_exec(
+        *COMMAND, *args, env=env or environment(), cwd=cwd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    except asyncio.TimeoutError:
+        process.kill()
+        await process.wait()
+        pytest.fail(f"reponotify {' '.join(args)} did not finish within {timeout}s")
+    assert process.returncode is not None
+    return process.returncode, stdout, stderr
+
+
+def manifests(folder: pathlib.Path, url: str) -> pathlib.Path:
+    folder.mkdir()
+    (folder / 'n.yaml').write_text(textwrap.dedent(f"""\
+        apiVersion: reponotify.dev/v1alpha1
+        kind: RepositoryNotification
+        metadata: {{name: to-ci, namespace: demo}}
+        spec:
+          repository: acme/web
+          event: repo_push
+          method: webhook
+          config: {{url: "{url}"}}
+        """))
+    return folder
+
+
+@contextlib.asynccontextmanager
+async def standalone_process(tmp_path: pathlib.Path, port: int, target_url: str,
+                             **extra: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    token_file = tmp_path / 'token'
+    token_file.write_text(TOKEN + '\n')
+    env = environment(
+        REPONOTIFY_PORT=str(port),
+        REPONOTIFY_MANIFESTS=str(manifests(tmp_path / 'manifests', target_url)),
+        REPONOTIFY_STATE_DIR=str(tmp_path / 'state'),
+        REPONOTIFY_TOKEN_FILE=str(token_file),
+        **extra,
+    )
+    log = tmp_path / 'standalone.log'
+    with log.open('wb') as output:
+        process = await asyncio.create_subprocess_exec(*COMMAND, 'standalone', env=env, cwd=tmp_path,
+                                                       stdout=output, stderr=output)
+    try:
+        await wait_until_listening(process, port, log)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def wait_until_listening(process: asyncio.subprocess.Process, port: int, log: pathlib.Path) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    async with aiohttp.ClientSession() as session:
+        while True:
+            if process.returncode is not None:
+                pytest.fail(f"reponotify standalone exited with {process.returncode}:\n{log.read_text()}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f'http://127.0.0.1:{port}/healthz') as response:
+                    if response.status == 200:
+                        return
+            if loop.time() > deadline:
+                pytest.fail(f"reponotify standalone is not listening on {port}:\n{log.read_text()}")
+            await asyncio.sleep(0.05)
+
+
+async def post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=body, headers=headers) as response:
+            return response.status, await response.json()
+
+
+async def test_standalone_is_configured_by_environment_variables(http_target, tmp_path: pathlib.Path,
+                                                                 unused_tcp_port: int) -> None:
+    port = unused_tcp_port
+    async with standalone_process(tmp_path, port, f'{http_target.url}/hooks/ci') as process:
+        url = f'http://127.0.0.1:{port}/v1/events/repo_push'
+        payload = sample_payload('repo_push', 'acme/web')
+        assert await post(url, payload) == (401, {'error': UNAUTHORIZED})
+        assert await post(url, payload, {'Authorization': 'Bearer wrong'}) == (401, {'error': UNAUTHORIZED})
+        status, body = await post(url, payload, {'Authorization': f'Bearer {TOKEN}'})
+        assert (status, body['matched']) == (202, 1)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f'http://127.0.0.1:{port}/v1/notifications') as response:
+                listing = await response.json()
+        assert [(item['namespace'], item['name']) for item in listing['items']] == [('demo', 'to-ci')]
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0  # SIGTERM stops it gracefully
+    statuses = json.loads((tmp_path / 'state' / 'status.json').read_text())  # REPONOTIFY_STATE_DIR was used
+    assert statuses['demo/to-ci']['conditions'][0]['reason'] == 'Accepted'
+
+
+async def test_send_posts_to_a_running_receiver(http_target, tmp_path: pathlib.Path, unused_tcp_port: int) -> None:
+    port = unused_tcp_port
+    extra = {'REPONOTIFY_ALLOW_TARGETS': '127.0.0.1/32'}  # the target is on loopback, refused by default
+    async with standalone_process(tmp_path, port, f'{http_target.url}/hooks/ci', **extra):
+        base = f'http://127.0.0.1:{port}'
+        token_file = str(tmp_path / 'token')
+
+        code, stdout, stderr = await run('send', 'repo_push', '--url', base, '--repository', 'acme/web',
+                                         '--token-file', token_file)
+        assert code == 0, stderr
+        answer = json.loads(stdout)
+        assert sorted(answer) == ['id', 'matched'] and answer['matched'] == 1
+        [received] = await http_target.wait_for(1, '/hooks/ci')
+        assert received.json() == sample_payload('repo_push', 'acme/web')
+
+        # the same through environment variables, with a payload file and an idempotency key, twice
+        payload_file = tmp_path / 'payload.json'
+        payload_file.write_text(json.dumps(sample_payload('repo_push', 'acme/web') | {'updated_tags': ['v2']}))
+        env = environment(REPONOTIFY_URL=base, REPONOTIFY_TOKEN_FILE=token_file, REPONOTIFY_PAYLOAD=str(payload_file),
+                          REPONOTIFY_IDEMPOTENCY_KEY='release-v2')
+        first = await run('send', 'repo_push', env=env)
+        second = await run('send', 'repo_push', env=env)
+        assert first[0] == second[0] == 0
+        assert json.loads(first[1]) == json.loads(second[1])  # accepted once
+        requests = await http_target.wait_for(2, '/hooks/ci')
+        assert requests[1].json()['updated_tags'] == ['v2']
+
+        code, stdout, _ = await run('send', 'repo_push', '--url', base, '--repository', 'acme/web')
+        assert (code, json.loads(stdout)) == (1, {'error': UNAUTHORIZED})
+    assert len(http_target.on('/hooks/ci')) == 2
+
+
+async def test_send_to_nothing_fails_clearly(unused_tcp_port: int) -> None:
+    code, stdout, stderr = await run('send', 'repo_push', '--url', f'http://127.0.0.1:{unused_tcp_port}')
+    assert code == 1
+    assert stdout == b''
+    assert stderr.decode().startswith(f'Error: could not reach http://127.0.0.1:{unused_tcp_port}: ')
+
+
+async def test_standalone_reports_a_broken_manifest_and_exits(tmp_path: pathlib.Path) -> None:
+    folder = tmp_path / 'manifests'
+    folder.mkdir()
+    (folder / 'broken.yaml').write_text('kind: [Secret\n')
+    env = environment(REPONOTIFY_MANIFESTS=str(folder), REPONOTIFY_STATE_DIR=str(tmp_path / 'state'),
+                      REPONOTIFY_PORT='0')
+    code, _, stderr = await run('standalone', env=env, timeout=30)
+    assert code == 1
+    assert stderr.decode().startswith(f'Error: {folder / "broken.yaml"}: not valid YAML: ')
+
+
+async def test_crd_output_is_the_checked_in_file() -> None:
+    code, stdout, stderr = await run('crd')
+    assert code == 0, stderr
+    checked_in = (ROOT / 'crds' / 'repositorynotifications.yaml').read_bytes()
+    assert stdout == checked_in, "crds/repositorynotifications.yaml drifted: regenerate it with `reponotify crd`"
+
+
+async def test_demo_runs_end_to_end() -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind(('127.0.0.1', 9911))
+        except OSError:
+            pytest.fail("127.0.0.1:9911 is in use; the demo needs it")
+    code, stdout, stderr = await run('demo', timeout=60)
+    assert code == 0, stderr
+    output = stdout.decode()
+    rows = {line.split()[0]: line.split() for line in output.split('Notification status:', 1)[1].splitlines()[2:]
+            if line.strip()}
+    assert rows['push-to-ci'][:8] == ['push-to-ci', 'repo_push', 'True', 'Accepted', '0', '1', '0', 'Succeeded']
+    assert rows['build-queued-broken'][:8] == [
+        'build-queued-broken', 'build_queued', 'False', 'Disabled', '3', '0', '1', 'Failed']
+    assert '  repo_push              -> 202 matched=1' in output
+
+
+def test_every_option_has_a_reponotify_environment_variable() -> None:
+    missing = []
+    for name, command in main.commands.items():
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.name in ('help', 'version'):
+                continue
+            long_name = next(opt for opt in param.opts if opt.startswith('--'))
+            expected = 'REPONOTIFY_' + long_name[2:].upper().replace('-', '_')
+            if param.envvar != expected:
+                missing.append(f"{name} {long_name}: {param.envvar!r} instead of {expected}")
+    assert missing == []

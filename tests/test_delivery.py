@@ -1,0 +1,284 @@
+"""
+Delivery through the real engine (outbox, dispatcher, methods, status book) to a real loopback target.
+
+Outcomes are read from the status book, polled with a deadline; no assertion depends on timing.
+"""
+import asyncio
+import base64
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from conftest import Reply
+
+from reponotify.dispatcher import DispatcherSettings
+from reponotify.engine import Engine, EngineSettings
+from reponotify.events import sample_payload
+from reponotify.notifications import InvalidSpec, NotificationKey, compile_notification
+from reponotify.standalone import ManifestSecrets, StatusFile
+from reponotify.status import ReadyCondition
+
+KEY = NotificationKey('team-a', 'push-to-ci')
+REPOSITORY = 'acme/web'
+FAST = (0.01, 0.01, 0.01, 0.01)  # four retries, 10 ms apart at most
+DISABLED_MESSAGE = ("Disabled after 3 consecutive failed deliveries; events are dropped until it is reset "
+                    "(annotate reponotify.dev/reset)")
+
+
+async def eventually(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if loop.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def webhook(url: str, **config: Any) -> dict[str, Any]:
+    return {'repository': REPOSITORY, 'event': 'repo_push', 'method': 'webhook', 'config': {'url': url, **config}}
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path, spec: dict[str, Any], *, schedule: tuple[float, ...] = FAST,
+                  secrets: ManifestSecrets | None = None) -> AsyncIterator[Engine]:
+    engine = Engine(EngineSettings(dispatcher=DispatcherSettings(workers=4, retry_schedule=schedule),
+                                   status_interval=0.0))
+    engine.put_notification(await compile_notification(KEY, spec, secrets or ManifestSecrets({})))
+    engine.book.set_spec_condition(KEY, ReadyCondition('True', 'Accepted', 'routed'))
+    await engine.start(StatusFile(tmp_path / 'status.json'))
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+def status(engine: Engine) -> dict[str, Any]:
+    return engine.book.status(KEY)
+
+
+async def outcome(engine: Engine, event_id: str, *outcomes: str) -> dict[str, Any]:
+    """Wait until the last delivery is of ``event_id`` with one of ``outcomes``; return it."""
+    def reached() -> dict[str, Any] | None:
+        last = status(engine)['lastDelivery']
+        return last if last and last['eventId'] == event_id and last['outcome'] in outcomes else None
+    return await eventually(reached, f"{'/'.join(outcomes)} for event {event_id}")
+
+
+def ready(engine: Engine) -> tuple[str, str, str]:
+    condition = status(engine)['conditions'][0]
+    assert condition['type'] == 'Ready'
+    return condition['status'], condition['reason'], condition['message']
+
+
+async def push(engine: Engine, **changes: Any) -> str:
+    accepted = await engine.ingest('repo_push', sample_payload('repo_push', REPOSITORY) | changes)
+    assert accepted.matched == 1
+    return accepted.id
+
+
+async def test_webhook_posts_the_exact_payload_bytes(http_target, tmp_path) -> None:
+    payload = sample_payload('repo_push', REPOSITORY) | {'updated_tags': ['latest', 'v1.0'], 'ünïcode': 'ok'}
+    async with running(tmp_path, webhook(f'{http_target.url}/hooks/ci?x=1')) as engine:
+        accepted = await engine.ingest('repo_push', payload)
+        [received] = await http_target.wait_for(1, '/hooks/ci')
+        last = await outcome(engine, accepted.id, 'Succeeded')
+    assert received.method == 'POST'
+    assert received.query == {'x': '1'}
+    assert received.headers['Content-Type'] == 'application/json'
+    assert received.body == json.dumps(payload).encode()  # the payload itself, not wrapped
+    assert 'webhook-signature' not in received.headers  # no signing secret configured
+    assert {k: last[k] for k in ('event', 'outcome', 'attempts', 'code', 'message')} == {
+        'event': 'repo_push', 'outcome': 'Succeeded', 'attempts': 1, 'code': 200,
+        'message': 'webhook target answered 200'}
+    final = status(engine)
+    assert final['numberOfFailures'] == 0
+    assert final['deliveries'] == {'succeeded': 1, 'failed': 0, 'dropped': 0}
+    assert final['recentDeliveries'] == [last]
+
+
+async def test_three_failed_attempts_disable_and_later_events_are_dropped(http_target, tmp_path) -> None:
+    http_target.script('/hook', Reply(status=500))
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        first = await push(engine)
+        last = await outcome(engine, first, 'Failed')
+        assert len(http_target.on('/hook')) == 3  # not the 5 the schedule allows: disabled at 3
+        assert {k: last[k] for k in ('outcome', 'attempts', 'code', 'message')} == {
+            'outcome': 'Failed', 'attempts': 3, 'code': 500,
+            'message': 'webhook target answered 500; the notification is now disabled'}
+        assert status(engine)['numberOfFailures'] == 3
+        assert ready(engine) == ('False', 'Disabled', DISABLED_MESSAGE)
+
+        second = await push(engine)
+        dropped = await outcome(engine, second, 'Dropped')
+        assert {k: dropped[k] for k in ('outcome', 'attempts', 'code', 'message')} == {
+            'outcome': 'Dropped', 'attempts': 0, 'code': None,
+            'message': 'Dropped: the notification is disabled after repeated failures'}
+        assert len(http_target.on('/hook')) == 3  # the dropped event never reached the target
+        final = status(engine)
+        assert final['numberOfFailures'] == 3
+        assert final['deliveries'] == {'succeeded': 0, 'failed': 1, 'dropped': 1}
+        assert [d['outcome'] for d in final['recentDeliveries']] == ['Dropped', 'Failed']
+
+        # Quay's "re-enable": a reset zeroes the count and events flow again.
+        http_target.script('/hook', Reply(status=200))
+        engine.book.reset(KEY)
+        assert status(engine)['numberOfFailures'] == 0
+        assert ready(engine) == ('True', 'Accepted', 'routed')
+        third = await push(engine)
+        await outcome(engine, third, 'Succeeded')
+        assert len(http_target.on('/hook')) == 4
+
+
+async def test_failures_count_across_deliveries(http_target, tmp_path) -> None:
+    http_target.script('/hook', Reply(status=400))
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        for count in (1, 2):
+            last = await outcome(engine, await push(engine), 'Failed')
+            assert last['message'] == 'webhook target answered 400 (not retried)'
+            assert status(engine)['numberOfFailures'] == count
+            assert ready(engine)[:2] == ('True', 'Accepted')
+        last = await outcome(engine, await push(engine), 'Failed')
+        assert last['message'] == 'webhook target answered 400 (not retried); the notification is now disabled'
+        assert status(engine)['numberOfFailures'] == 3
+        assert ready(engine)[:2] == ('False', 'Disabled')
+    assert len(http_target.on('/hook')) == 3
+
+
+@pytest.mark.parametrize('code', [400, 401, 403, 404, 410, 422])
+async def test_4xx_is_a_final_failure_after_one_attempt(http_target, tmp_path, code: int) -> None:
+    http_target.script('/hook', Reply(status=code))
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        event_id = await push(engine)
+        last = await outcome(engine, event_id, 'Failed', 'Retrying')
+        assert {k: last[k] for k in ('outcome', 'attempts', 'code', 'message')} == {
+            'outcome': 'Failed', 'attempts': 1, 'code': code,
+            'message': f'webhook target answered {code} (not retried)'}
+        assert status(engine)['numberOfFailures'] == 1
+        assert status(engine)['deliveries'] == {'succeeded': 0, 'failed': 1, 'dropped': 0}
+    assert len(http_target.on('/hook')) == 1
+
+
+async def test_redirects_are_not_followed(http_target, tmp_path) -> None:
+    http_target.script('/hook', Reply(status=302, headers={'Location': '/elsewhere'}))
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        last = await outcome(engine, await push(engine), 'Failed', 'Retrying')
+    assert (last['outcome'], last['code'], last['message']) == (
+        'Failed', 302, 'webhook target answered 302 (not retried)')
+    assert [request.path for request in http_target.requests] == ['/hook']
+
+
+@pytest.mark.parametrize('code', [408, 429, 500, 502, 503])
+async def test_retryable_codes_are_retried_until_success(http_target, tmp_path, code: int) -> None:
+    http_target.script('/hook', Reply(status=code), Reply(status=200))
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        last = await outcome(engine, await push(engine), 'Succeeded', 'Failed')
+    assert (last['outcome'], last['attempts'], last['code']) == ('Succeeded', 2, 200)
+    requests = http_target.on('/hook')
+    assert len(requests) == 2
+    assert requests[0].body == requests[1].body
+
+
+@pytest.mark.parametrize('code', [429, 503])
+async def test_retry_after_is_the_minimum_delay(http_target, tmp_path, code: int) -> None:
+    # The schedule would retry within 10 ms; Retry-After: 30 must win.
+    http_target.script('/hook', Reply(status=code, headers={'Retry-After': '30'}))
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        last = await outcome(engine, await push(engine), 'Retrying', 'Failed')
+        assert {k: last[k] for k in ('outcome', 'attempts', 'code', 'message')} == {
+            'outcome': 'Retrying', 'attempts': 1, 'code': code,
+            'message': f'webhook target answered {code}; retrying in 30.0s'}
+        assert status(engine)['numberOfFailures'] == 1
+        assert len(engine.outbox) == 1  # still pending, due later
+    assert len(http_target.on('/hook')) == 1
+
+
+async def test_success_resets_the_failure_count_within_a_delivery(http_target, tmp_path) -> None:
+    http_target.script('/hook', Reply(status=500), Reply(status=500), Reply(status=200))
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        last = await outcome(engine, await push(engine), 'Succeeded', 'Failed')
+        assert (last['outcome'], last['attempts'], last['code']) == ('Succeeded', 3, 200)
+        assert status(engine)['numberOfFailures'] == 0
+        assert ready(engine) == ('True', 'Accepted', 'routed')
+
+
+async def test_success_resets_the_failure_count_across_deliveries(http_target, tmp_path) -> None:
+    http_target.script('/hook', Reply(status=400), Reply(status=400), Reply(status=200))
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        await outcome(engine, await push(engine), 'Failed')
+        await outcome(engine, await push(engine), 'Failed')
+        assert status(engine)['numberOfFailures'] == 2
+        await outcome(engine, await push(engine), 'Succeeded')
+        assert status(engine)['numberOfFailures'] == 0
+        assert status(engine)['deliveries'] == {'succeeded': 1, 'failed': 2, 'dropped': 0}
+        # one success wiped the slate: three more failures are needed to disable
+        assert ready(engine)[:2] == ('True', 'Accepted')
+
+
+async def test_gives_up_after_the_schedule_without_reaching_three_failures(http_target, tmp_path) -> None:
+    http_target.script('/hook', Reply(status=500))
+    async with running(tmp_path, webhook(f'{http_target.url}/hook'), schedule=(0.01,)) as engine:
+        last = await outcome(engine, await push(engine), 'Failed')
+    assert (last['attempts'], last['message']) == (2, 'webhook target answered 500; gave up after 2 attempts')
+    assert status(engine)['numberOfFailures'] == 2
+    assert len(http_target.on('/hook')) == 2
+
+
+# -- secrets never show ------------------------------------------------------------------------------
+
+async def test_webhook_credentials_are_used_but_never_shown(http_target, tmp_path) -> None:
+    http_target.script('/hook', Reply(status=500))
+    url = f'http://alice:hunter2-secret@127.0.0.1:{http_target.port}/hook'
+    async with running(tmp_path, webhook(url)) as engine:
+        await outcome(engine, await push(engine), 'Failed')
+        shown = json.dumps(status(engine))
+    assert http_target.on('/hook')[0].headers['Authorization'] == \
+        'Basic ' + base64.b64encode(b'alice:hunter2-secret').decode()
+    assert 'hunter2' not in shown and 'alice' not in shown
+    assert 'hunter2' not in (tmp_path / 'status.json').read_text()
+
+
+async def test_unreachable_webhook_message_does_not_show_the_url(tmp_path, unused_tcp_port: int) -> None:
+    url = f'http://alice:hunter2-secret@127.0.0.1:{unused_tcp_port}/hook'  # nothing listens there
+    async with running(tmp_path, webhook(url), schedule=()) as engine:
+        last = await outcome(engine, await push(engine), 'Failed')
+        shown = json.dumps(status(engine))
+    assert last['code'] is None
+    assert last['message'].startswith('could not reach webhook target: ClientConnectorError: ')
+    assert last['message'].endswith('; gave up after 1 attempts')
+    assert 'hunter2' not in shown and 'alice' not in shown
+
+
+async def test_slack_url_is_never_shown(http_target, tmp_path) -> None:
+    http_target.script('/services/T000/B000/SECRETTOKEN', Reply(status=500))
+    secrets = ManifestSecrets({('team-a', 'slack'): {'url': f'{http_target.url}/services/T000/B000/SECRETTOKEN'}})
+    spec = {'repository': REPOSITORY, 'event': 'repo_push', 'method': 'slack',
+            'config': {'urlFrom': {'secretKeyRef': {'name': 'slack', 'key': 'url'}}}}
+    async with running(tmp_path, spec, secrets=secrets) as engine:
+        last = await outcome(engine, await push(engine), 'Failed')
+        shown = json.dumps(status(engine))
+    assert last['message'] == 'Slack answered 500; the notification is now disabled'
+    assert 'SECRETTOKEN' not in shown and '/services/' not in shown
+
+
+@pytest.mark.parametrize('method', ['webhook', 'slack'])
+@pytest.mark.parametrize('url, message', [
+    ('ftp://alice:SECRET@hooks.example/x', "spec.config.url: must be an http:// or https:// URL"),
+    ('http://:SECRET@/x', "spec.config.url: must be a URL with a host name"),
+    # urlsplit's own errors repeat the URL (and its credentials): they must not reach the message
+    ('https://alice:pa\uff03ssSECRET@hooks.example/x', "spec.config.url: is not a valid URL"),
+    ('http://[SECRET/x', "spec.config.url: is not a valid URL"),
+])
+async def test_invalid_spec_messages_never_show_the_url(method: str, url: str, message: str) -> None:
+    secrets = ManifestSecrets({('team-a', 'hook'): {'url': url}})
+    for config in ({'url': url}, {'urlFrom': {'secretKeyRef': {'name': 'hook', 'key': 'url'}}}):
+        spec = {'repository': REPOSITORY, 'event': 'repo_push', 'method': method, 'config': config}
+        with pytest.raises(InvalidSpec) as caught:
+            await compile_notification(KEY, spec, secrets)
+        assert str(caught.value) == message
+        assert 'SECRET' not in str(caught.value)

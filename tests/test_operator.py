@@ -1,0 +1,615 @@
+"""
+The kopf operator, for real: kopf runs in-process, unchanged, against kmock's
+Kubernetes emulator over HTTP (see :mod:`kube_emulator`); events go in through
+the receiver over HTTP, and deliveries go out to a loopback HTTP target.
+
+Every test asserts what a user would see: the bytes the target got, the status
+written into the emulated API server, the Kubernetes Events posted.
+"""
+import asyncio
+import base64
+import concurrent.futures
+import copy
+import json
+import pathlib
+import re
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import kmock
+import pytest
+
+from conftest import Reply
+from kube_emulator import RN, VersionedKubernetesEmulator, declare_resources, namespace_paths
+from reponotify.config import ReceiverSettings, Settings
+from reponotify.dispatcher import DispatcherSettings
+from reponotify.engine import Engine, EngineSettings
+from reponotify.events import sample_payload
+from reponotify.kube.handlers import OperatorSettings, run_operator
+from reponotify.models import API_VERSION, GROUP, KIND, PLURAL
+from reponotify.notifications import NotificationKey
+
+NS = 'ns1'
+TIMEOUT = 10.0
+RFC3339 = re.compile(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$')
+DIFFBASE = f'{GROUP}/last-handled-configuration'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
+
+
+async def eventually(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if loop.time() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def ready(status: dict[str, Any] | None) -> tuple[str, str, str] | None:
+    """The Ready condition as (status, reason, message)."""
+    for condition in (status or {}).get('conditions') or []:
+        if condition.get('type') == 'Ready':
+            return condition['status'], condition['reason'], condition['message']
+    return None
+
+
+class Cluster:
+    """The emulated API server, with the few operations the tests make over its HTTP API."""
+
+    def __init__(self, kube: VersionedKubernetesEmulator, server: kmock.Server) -> None:
+        self.kube = kube
+        self.server = server
+
+    @property
+    def url(self) -> str:
+        return str(self.server.url)
+
+    async def _call(self, method: str, path: str, body: Any = None, *,
+                    content_type: str = 'application/json') -> dict[str, Any]:
+        async with self.server.client.request(method, path, data=json.dumps(body) if body is not None else None,
+                                              headers={'Content-Type': content_type}) as response:
+            answer = await response.json()
+            assert response.status == 200, (method, path, response.status, answer)
+            return answer
+
+    async def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {'apiVersion': API_VERSION, 'kind': KIND, 'metadata': {'name': name, 'namespace': NS}, 'spec': spec}
+        return await self._call('POST', f'/apis/{API_VERSION}/namespaces/{NS}/{PLURAL}', body)
+
+    async def patch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return await self._call('PATCH', f'/apis/{API_VERSION}/namespaces/{NS}/{PLURAL}/{name}', {'spec': spec},
+                                content_type='application/merge-patch+json')
+
+    async def delete(self, name: str) -> None:
+        await self._call('DELETE', f'/apis/{API_VERSION}/namespaces/{NS}/{PLURAL}/{name}')
+
+    async def create_namespace(self, name: str) -> None:
+        await self._call('POST', '/api/v1/namespaces', {'apiVersion': 'v1', 'kind': 'Namespace',
+                                                        'metadata': {'name': name}})
+
+    async def create_secret(self, name: str, data: dict[str, str]) -> None:
+        body = {'apiVersion': 'v1', 'kind': 'Secret', 'metadata': {'name': name, 'namespace': NS},
+                'data': {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}}
+        await self._call('POST', f'/api/v1/namespaces/{NS}/secrets', body)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        """The object as the emulated API server holds it now (None if absent or deleted)."""
+        try:
+            obj = self.kube.objects[RN, NS, name]
+        except KeyError:
+            return None
+        return None if obj.deleted else copy.deepcopy(obj.raw)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.get(name) or {}).get('status') or {}
+
+    async def wait_status(self, name: str, check: Callable[[dict[str, Any]], bool], what: str,
+                          timeout: float = TIMEOUT) -> dict[str, Any]:
+        """Poll the object in the emulator until its status satisfies ``check``."""
+        def probe() -> dict[str, Any] | None:
+            status = self.status(name)
+            return status if status and check(status) else None
+        try:
+            return await eventually(probe, f"{name}: {what}", timeout)
+        except pytest.fail.Exception:
+            pytest.fail(f"timed out waiting for {name}: {what}; last status: {json.dumps(self.status(name))}")
+
+    async def wait_ready(self, name: str, status: str, reason: str, generation: int) -> dict[str, Any]:
+        return await self.wait_status(
+            name, lambda s: ready(s)[:2] == (status, reason) and s.get('observedGeneration') == generation,
+            f"Ready={status} {reason} at generation {generation}")
+
+    def requests(self, name: str, *, method: str, subresource: str | None) -> list[kmock.Request]:
+        """Requests the API server got for one notification (e.g. PATCH on /status)."""
+        return [request for request in self.kube._requests
+                if request.resource is not None and request.resource.plural == PLURAL
+                and request.namespace == NS and request.name == name
+                and request.method == method and request.subresource == subresource]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The core/v1 Events about one notification, in the order they were posted."""
+        return [copy.deepcopy(obj.raw) for (resource, namespace, _), obj in self.kube.objects.items()
+                if resource.plural == 'events' and namespace == NS and not obj.deleted
+                and obj.raw.get('involvedObject', {}).get('name') == name]
+
+
+class Operator:
+    """
+    The operator, running against the emulator, with its receiver on a free port.
+
+    kopf runs in a thread with its own event loop, as in production (``asyncio.run``):
+    on exit kopf waits for, then cancels, every task of its loop that it did not find
+    at startup, so sharing the test's loop would make it cancel the test's own tasks
+    (pytest-asyncio's fixture teardown, the emulator's and the target's connections).
+    """
+
+    def __init__(self, engine: Engine, receiver_url: str, done: asyncio.Future[None],
+                 stop_flag: threading.Event) -> None:
+        self.engine = engine
+        self.receiver_url = receiver_url
+        self.done = done  # the thread running kopf: its result is kopf's exit
+        self.stop_flag = stop_flag
+        self.http = aiohttp.ClientSession()
+
+    async def post_event(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST a Quay event to the receiver; it must answer 202 {"id", "matched"}."""
+        async with self.http.post(f'{self.receiver_url}/v1/events/{kind}', data=json.dumps(payload),
+                                  headers={'Content-Type': 'application/json'}) as response:
+            body = await response.json()
+            assert response.status == 202, body
+            assert set(body) == {'id', 'matched'}, body
+            return body
+
+    def routed(self, name: str) -> bool:
+        return self.engine.routing.get(NotificationKey(NS, name)) is not None
+
+    async def stop(self) -> None:
+        """Stop kopf as a signal would (its cleanup handlers run) and wait until it has exited; idempotent."""
+        self.stop_flag.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.done), TIMEOUT)
+        finally:
+            await self.http.close()
+
+
+StartOperator = Callable[..., Awaitable[Operator]]
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    with namespace_paths():
+        async with VersionedKubernetesEmulator() as kube, kmock.Server(kube) as server:
+            declare_resources(kube)
+            cluster = Cluster(kube, server)
+            await cluster.create_namespace(NS)
+            yield cluster
+
+
+@pytest.fixture
+async def start_operator(cluster: Cluster, tmp_path: pathlib.Path) -> AsyncIterator[StartOperator]:
+    """
+    Start the operator with short timings; every one started is stopped cleanly at teardown.
+
+    The engine is built as the operator builds its own (durable outbox in the state folder);
+    the test passes it in only to look at its routing table. Operators started in one test
+    share the state folder, as a restarted pod does.
+    """
+    running: list[tuple[Operator, concurrent.futures.ThreadPoolExecutor]] = []
+
+    async def start(*, status_interval: float = 0.1, retry_schedule: tuple[float, ...] = (0.05, 0.05, 0.05, 0.05),
+                    secret_retry_delay: float = 0.5) -> Operator:
+        port = free_port()
+        settings = Settings(
+            receiver=ReceiverSettings(host='127.0.0.1', port=port),
+            engine=EngineSettings(dispatcher=DispatcherSettings(workers=16, retry_schedule=retry_schedule, timeout=5.0),
+                                  status_interval=status_interval),
+            state_dir=tmp_path, shutdown_grace=1.0)
+        options = OperatorSettings(common=settings, kube_api_url=cluster.url, secret_retry_delay=secret_retry_delay)
+        engine = Engine(settings.engine, outbox_path=settings.state_dir / 'outbox.sqlite3')
+        stop_flag, ready_flag = threading.Event(), threading.Event()  # kopf takes threading flags too
+
+        def main() -> None:
+            asyncio.run(run_operator(options, namespaces=[NS], stop_flag=stop_flag,  # type: ignore[arg-type]
+                                     ready_flag=ready_flag, engine=engine))  # type: ignore[arg-type]
+
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='operator')
+        done = asyncio.get_running_loop().run_in_executor(executor, main)
+        operator = Operator(engine, f'http://127.0.0.1:{port}', done, stop_flag)
+        running.append((operator, executor))
+        await eventually(lambda: ready_flag.is_set() or done.done(), "the operator to be ready")
+        if done.done():
+            done.result()  # raises what broke the operator
+            pytest.fail("the operator exited before it was ready")
+        return operator
+
+    yield start
+
+    try:
+        for operator, _ in running:
+            operator.stop_flag.set()  # all at once: one stuck operator must not keep the others running
+        for operator, _ in running:
+            await operator.stop()
+            assert operator.done.result() is None  # it exited cleanly
+    finally:
+        for _, executor in running:
+            executor.shutdown(wait=False)
+
+
+def webhook_spec(url: str, **extra: Any) -> dict[str, Any]:
+    return {'repository': 'acme/web', 'event': 'repo_push', 'method': 'webhook', 'config': {'url': url}, **extra}
+
+
+def condition(status: dict[str, Any]) -> dict[str, Any]:
+    """The Ready condition, with its time checked for format and taken out (it is the only moving part)."""
+    [found] = status['conditions']
+    assert RFC3339.match(found['lastTransitionTime']), found
+    return {key: value for key, value in found.items() if key != 'lastTransitionTime'}
+
+
+def delivery(record: dict[str, Any]) -> dict[str, Any]:
+    """
+    A delivery record, with its time and duration checked for shape and taken out.
+
+    Status is written with a JSON merge patch, where null means "remove": in ``lastDelivery``
+    (an object) a null ``code`` or ``durationMs`` is absent; in ``recentDeliveries`` (a list,
+    replaced whole) it stays null.
+    """
+    assert RFC3339.match(record['time']), record
+    duration = record.get('durationMs')
+    assert duration is None or (isinstance(duration, int) and duration >= 0), record
+    return {key: value for key, value in record.items() if key not in ('time', 'durationMs')}
+
+
+# -- the tests ---------------------------------------------------------------------------------------
+
+
+async def test_create_accepts_routes_and_records_the_delivery(cluster, start_operator, http_target):
+    operator = await start_operator()
+    created = await cluster.create('push-to-ci', webhook_spec(f'{http_target.url}/hook', title='Push to CI'))
+    assert created['metadata']['generation'] == 1
+
+    status = await cluster.wait_ready('push-to-ci', 'True', 'Accepted', generation=1)
+    assert condition(status) == {
+        'type': 'Ready', 'status': 'True', 'reason': 'Accepted',
+        'message': 'Routing repo_push events of acme/web to webhook', 'observedGeneration': 1,
+    }
+    assert status['numberOfFailures'] == 0
+    assert status['deliveries'] == {'succeeded': 0, 'failed': 0, 'dropped': 0}
+    assert 'lastDelivery' not in status  # written as null: a JSON merge patch removes the key
+    assert status['recentDeliveries'] == []
+
+    payload = sample_payload('repo_push', 'acme/web')
+    accepted = await operator.post_event('repo_push', payload)
+    assert accepted['matched'] == 1
+
+    [received] = await http_target.wait_for(1, '/hook')
+    assert received.method == 'POST'
+    assert received.headers['Content-Type'] == 'application/json'
+    assert received.body == json.dumps(payload).encode()  # the payload itself, not wrapped (as Quay)
+    assert received.json() == payload
+
+    status = await cluster.wait_status('push-to-ci', lambda s: s['deliveries']['succeeded'] == 1,
+                                       "one succeeded delivery")
+    expected = {'eventId': accepted['id'], 'event': 'repo_push', 'outcome': 'Succeeded', 'attempts': 1,
+                'code': 200, 'message': 'webhook target answered 200'}
+    assert delivery(status['lastDelivery']) == expected
+    assert [delivery(record) for record in status['recentDeliveries']] == [expected]
+    assert status['recentDeliveries'][0] == status['lastDelivery']
+    assert status['deliveries'] == {'succeeded': 1, 'failed': 0, 'dropped': 0}
+    assert status['numberOfFailures'] == 0
+    assert condition(status)['reason'] == 'Accepted'
+    assert status['observedGeneration'] == 1
+
+    # The status went to the status subresource, where a real API server keeps it; the spec is untouched.
+    assert cluster.requests('push-to-ci', method='PATCH', subresource='status')
+    assert cluster.get('push-to-ci')['spec'] == webhook_spec(f'{http_target.url}/hook', title='Push to CI')
+    assert cluster.get('push-to-ci')['metadata']['generation'] == 1
+    assert len(http_target.requests) == 1
+
+
+async def test_update_changes_routing_and_observed_generation(cluster, start_operator, http_target):
+    operator = await start_operator()
+    await cluster.create('push', webhook_spec(f'{http_target.url}/hook'))
+    await cluster.wait_ready('push', 'True', 'Accepted', generation=1)
+
+    patched = await cluster.patch_spec('push', {'repository': 'acme/api'})
+    assert patched['metadata']['generation'] == 2
+    status = await cluster.wait_ready('push', 'True', 'Accepted', generation=2)
+    assert condition(status) == {
+        'type': 'Ready', 'status': 'True', 'reason': 'Accepted',
+        'message': 'Routing repo_push events of acme/api to webhook', 'observedGeneration': 2,
+    }
+
+    old = await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web'))
+    assert old['matched'] == 0
+    new_payload = sample_payload('repo_push', 'acme/api')
+    new = await operator.post_event('repo_push', new_payload)
+    assert new['matched'] == 1
+    [received] = await http_target.wait_for(1, '/hook')
+    assert received.json() == new_payload
+
+    # A new URL takes effect too, and the generation follows.
+    await cluster.patch_spec('push', {'config': {'url': f'{http_target.url}/moved'}})
+    await cluster.wait_ready('push', 'True', 'Accepted', generation=3)
+    moved = await operator.post_event('repo_push', new_payload)
+    assert moved['matched'] == 1
+    [received] = await http_target.wait_for(1, '/moved')
+    assert received.body == json.dumps(new_payload).encode()
+    status = await cluster.wait_status('push', lambda s: s['deliveries']['succeeded'] == 2, "two deliveries")
+    assert [record['eventId'] for record in status['recentDeliveries']] == [moved['id'], new['id']]
+    assert [request.path for request in http_target.requests] == ['/hook', '/moved']
+
+
+async def test_delete_stops_routing(cluster, start_operator, http_target):
+    operator = await start_operator()
+    await cluster.create('push', webhook_spec(f'{http_target.url}/hook'))
+    await cluster.wait_ready('push', 'True', 'Accepted', generation=1)
+    assert (await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web')))['matched'] == 1
+    await http_target.wait_for(1, '/hook')
+
+    await cluster.delete('push')
+    assert cluster.get('push') is None
+    await eventually(lambda: not operator.routed('push'), "the deleted notification to be unrouted")
+
+    accepted = await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web'))
+    assert accepted['matched'] == 0
+    assert len(operator.engine.outbox) == 0
+    assert len(http_target.requests) == 1  # only the delivery from before the deletion
+    assert operator.engine.book.keys() == []  # its status is forgotten too
+
+
+@pytest.mark.parametrize('spec, message', [
+    pytest.param(
+        {'repository': 'acme/web', 'event': 'build_start', 'eventConfig': {'refRegex': '(['},
+         'method': 'webhook', 'config': {'url': 'http://127.0.0.1:9/hook'}},
+        "spec.eventConfig.refRegex is not a valid regular expression: unterminated character set at position 1",
+        id='bad-refRegex'),
+    pytest.param(
+        {'repository': 'acme/web', 'event': 'build_start', 'method': 'webhook', 'config': {'url': 'ftp://x'}},
+        "spec.config.url: must be an http:// or https:// URL",
+        id='ftp-url'),
+])
+async def test_invalid_spec_is_reported_and_not_routed(cluster, start_operator, http_target, spec, message):
+    operator = await start_operator()
+    await cluster.create('broken', spec)
+    status = await cluster.wait_ready('broken', 'False', 'InvalidSpec', generation=1)
+    assert condition(status) == {'type': 'Ready', 'status': 'False', 'reason': 'InvalidSpec',
+                                 'message': message, 'observedGeneration': 1}
+    assert 'ftp://x' not in json.dumps(status)  # config values may be secrets: never echoed
+
+    assert not operator.routed('broken')
+    accepted = await operator.post_event('build_start', sample_payload('build_start', 'acme/web'))
+    assert accepted['matched'] == 0
+    assert http_target.requests == []
+    [event] = await eventually(lambda: cluster.events('broken'), "the InvalidSpec Event")
+    assert (event['type'], event['reason'], event['message']) == ('Warning', 'InvalidSpec', message)
+
+
+async def test_missing_secret_then_created(cluster, start_operator, http_target):
+    operator = await start_operator(secret_retry_delay=0.3)
+    spec = {'repository': 'acme/web', 'event': 'repo_push', 'method': 'webhook',
+            'config': {'urlFrom': {'secretKeyRef': {'name': 'hook-secret', 'key': 'url'}}}}
+    await cluster.create('from-secret', spec)
+    status = await cluster.wait_ready('from-secret', 'False', 'SecretNotFound', generation=1)
+    assert condition(status) == {'type': 'Ready', 'status': 'False', 'reason': 'SecretNotFound',
+                                 'message': 'Secret ns1/hook-secret not found', 'observedGeneration': 1}
+    assert not operator.routed('from-secret')
+    assert (await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web')))['matched'] == 0
+
+    # It keeps looking for the Secret (kopf retries the handler), without an Event per retry.
+    def secret_reads() -> int:
+        return sum(1 for request in cluster.kube._requests
+                   if request.resource is not None and request.resource.plural == 'secrets'
+                   and request.name == 'hook-secret' and request.method == 'GET')
+    await eventually(lambda: secret_reads() >= 2, "a retry reading the Secret again")
+
+    secret_url = f'{http_target.url}/from-secret?token=s3cr3t'
+    await cluster.create_secret('hook-secret', {'url': secret_url})
+    status = await cluster.wait_ready('from-secret', 'True', 'Accepted', generation=1)
+    assert condition(status)['message'] == 'Routing repo_push events of acme/web to webhook'
+
+    payload = sample_payload('repo_push', 'acme/web')
+    assert (await operator.post_event('repo_push', payload))['matched'] == 1
+    [received] = await http_target.wait_for(1, '/from-secret')
+    assert received.query == {'token': 's3cr3t'}
+    assert received.json() == payload
+
+    # The Secret's value never shows in status or Events.
+    status = await cluster.wait_status('from-secret', lambda s: s['deliveries']['succeeded'] == 1, "the delivery")
+    assert 's3cr3t' not in json.dumps(status)
+    events = cluster.events('from-secret')
+    assert 's3cr3t' not in json.dumps(events)
+    assert [(event['type'], event['reason'], event['message']) for event in events] == [
+        ('Warning', 'SecretNotFound', 'Secret ns1/hook-secret not found'),
+        ('Normal', 'Accepted', 'Routing repo_push events of acme/web to webhook'),
+    ]
+
+
+async def test_suspend_stops_routing_and_resume_restores_it(cluster, start_operator, http_target):
+    operator = await start_operator()
+    await cluster.create('paused', webhook_spec(f'{http_target.url}/hook', suspend=True))
+    status = await cluster.wait_ready('paused', 'False', 'Suspended', generation=1)
+    assert condition(status) == {'type': 'Ready', 'status': 'False', 'reason': 'Suspended',
+                                 'message': 'spec.suspend is true', 'observedGeneration': 1}
+    assert (await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web')))['matched'] == 0
+
+    await cluster.patch_spec('paused', {'suspend': False})
+    await cluster.wait_ready('paused', 'True', 'Accepted', generation=2)
+    payload = sample_payload('repo_push', 'acme/web')
+    assert (await operator.post_event('repo_push', payload))['matched'] == 1
+    [received] = await http_target.wait_for(1, '/hook')
+    assert received.json() == payload
+    assert len(http_target.requests) == 1  # nothing of the event sent while suspended
+
+
+async def test_three_failures_disable_and_later_events_are_dropped(cluster, start_operator, http_target):
+    http_target.script('/hook', Reply(status=500, body='boom'))
+    operator = await start_operator()
+    await cluster.create('flaky', webhook_spec(f'{http_target.url}/hook'))
+    await cluster.wait_ready('flaky', 'True', 'Accepted', generation=1)
+
+    first = await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web'))
+    assert first['matched'] == 1
+    await http_target.wait_for(3, '/hook')
+    status = await cluster.wait_ready('flaky', 'False', 'Disabled', generation=1)
+    assert condition(status) == {
+        'type': 'Ready', 'status': 'False', 'reason': 'Disabled',
+        'message': 'Disabled after 3 consecutive failed deliveries; events are dropped until it is reset '
+                   '(annotate reponotify.dev/reset)',
+        'observedGeneration': 1,
+    }
+    status = await cluster.wait_status('flaky', lambda s: s['deliveries']['failed'] == 1, "the failed delivery")
+    assert status['numberOfFailures'] == 3
+    failed = {'eventId': first['id'], 'event': 'repo_push', 'outcome': 'Failed', 'attempts': 3, 'code': 500,
+              'message': 'webhook target answered 500; the notification is now disabled'}
+    assert delivery(status['lastDelivery']) == failed
+    assert [delivery(record) for record in status['recentDeliveries']] == [failed]
+    assert status['deliveries'] == {'succeeded': 0, 'failed': 1, 'dropped': 0}
+
+    second = await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web'))
+    assert second['matched'] == 1  # still routed: the drop is recorded, never silently lost
+    status = await cluster.wait_status('flaky', lambda s: s['deliveries']['dropped'] == 1, "the dropped delivery")
+    dropped = {'eventId': second['id'], 'event': 'repo_push', 'outcome': 'Dropped', 'attempts': 0,
+               'message': 'Dropped: the notification is disabled after repeated failures'}
+    assert delivery(status['lastDelivery']) == dropped  # no code: the merge patch dropped the null
+    assert [delivery(record) for record in status['recentDeliveries']] == [{**dropped, 'code': None}, failed]
+    assert status['deliveries'] == {'succeeded': 0, 'failed': 1, 'dropped': 1}
+    assert status['numberOfFailures'] == 3
+    assert condition(status)['reason'] == 'Disabled'
+    assert len(http_target.on('/hook')) == 3  # the second event never reached the target
+
+
+async def test_ready_transitions_post_kubernetes_events(cluster, start_operator, http_target):
+    http_target.script('/hook', Reply(status=503))
+    operator = await start_operator()
+    created = await cluster.create('noisy', webhook_spec(f'{http_target.url}/hook'))
+    uid = created['metadata']['uid']
+    await cluster.wait_ready('noisy', 'True', 'Accepted', generation=1)
+    [accepted] = await eventually(lambda: cluster.events('noisy'), "the Accepted Event")
+
+    assert (await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web')))['matched'] == 1
+    await cluster.wait_ready('noisy', 'False', 'Disabled', generation=1)
+    accepted, disabled = await eventually(lambda: len(cluster.events('noisy')) == 2 and cluster.events('noisy'),
+                                          "the Disabled Event")
+
+    for event, type_, reason, message in [
+        (accepted, 'Normal', 'Accepted', 'Routing repo_push events of acme/web to webhook'),
+        (disabled, 'Warning', 'Disabled', 'Disabled after 3 consecutive failed deliveries; events are dropped '
+                                          'until it is reset (annotate reponotify.dev/reset)'),
+    ]:
+        assert re.fullmatch(r'noisy\.[0-9a-f]{16}', event['metadata']['name']), event['metadata']
+        assert event['metadata']['namespace'] == NS
+        # With the uid, `kubectl describe rn noisy` lists the Event (it selects on involvedObject.uid).
+        assert event['involvedObject'] == {'apiVersion': API_VERSION, 'kind': KIND, 'name': 'noisy',
+                                           'namespace': NS, 'uid': uid}
+        assert (event['type'], event['reason'], event['message']) == (type_, reason, message)
+        assert event['source'] == {'component': 'reponotify'}
+        assert event['reportingComponent'] == 'reponotify'
+        assert event['count'] == 1
+        assert RFC3339.match(event['firstTimestamp']) and event['lastTimestamp'] == event['firstTimestamp']
+    assert len(http_target.on('/hook')) == 3
+
+
+async def test_status_writes_are_coalesced_and_do_not_retrigger_handlers(cluster, start_operator, http_target):
+    operator = await start_operator(status_interval=1.0)
+    routed: list[str] = []
+    put_notification = operator.engine.put_notification
+    operator.engine.put_notification = lambda n: (routed.append(n.key.name), put_notification(n))[-1]
+
+    await cluster.create('busy', webhook_spec(f'{http_target.url}/hook'))
+    await cluster.wait_ready('busy', 'True', 'Accepted', generation=1)
+    # kopf finishes the creation by storing what it handled (its diffbase annotation).
+    await eventually(lambda: DIFFBASE in (cluster.get('busy')['metadata'].get('annotations') or {}),
+                     "kopf's diffbase annotation")
+    status_patches_before = len(cluster.requests('busy', method='PATCH', subresource='status'))
+
+    # 200 events in 4 waves spread over more than one status_interval.
+    count, waves = 200, 4
+    answers = []
+    for wave in range(waves):
+        if wave:
+            await asyncio.sleep(0.35)  # pacing the load, not waiting for a result
+        answers += await asyncio.gather(*(operator.post_event('repo_push', sample_payload('repo_push', 'acme/web'))
+                                          for _ in range(count // waves)))
+    assert [answer['matched'] for answer in answers] == [1] * count
+    ids = {answer['id'] for answer in answers}
+    assert len(ids) == count
+    await http_target.wait_for(count, '/hook')
+    status = await cluster.wait_status('busy', lambda s: s['deliveries']['succeeded'] == count,
+                                       f"{count} succeeded deliveries")
+
+    # Exact final status...
+    assert status['deliveries'] == {'succeeded': count, 'failed': 0, 'dropped': 0}
+    assert status['numberOfFailures'] == 0
+    assert status['observedGeneration'] == 1
+    assert condition(status)['reason'] == 'Accepted'
+    assert len(status['recentDeliveries']) == 10
+    assert all(delivery(record)['outcome'] == 'Succeeded' for record in status['recentDeliveries'])
+    assert {record['eventId'] for record in status['recentDeliveries']} <= ids
+    assert len({record['eventId'] for record in status['recentDeliveries']}) == 10
+    assert status['lastDelivery'] == status['recentDeliveries'][0]
+
+    # ... written with few PATCH requests: at most one per status_interval, the last one exact ...
+    status_patches = len(cluster.requests('busy', method='PATCH', subresource='status')) - status_patches_before
+    assert 2 <= status_patches < 20, status_patches  # the burst spans > 1 s: progress shows before the end
+    written = [version.raw['status']['deliveries']['succeeded']
+               for version in cluster.kube.objects[RN, NS, 'busy'].history
+               if version is not None and 'status' in version.raw]
+    progress = sorted(set(written))
+    assert written == sorted(written) and progress[-1] == count and len(progress) <= status_patches + 1, written
+
+    # ... none of which made kopf run the handler again or patch the resource itself. (A short
+    # window for a wrong reaction to the last status write to show: absence cannot be polled for.)
+    await asyncio.sleep(0.3)
+    assert routed == ['busy']
+    # The only write to the resource itself is kopf's own, once, after the creation was handled:
+    # its annotations (diffbase, managed marker), nothing from our handlers.
+    [body_patch] = cluster.requests('busy', method='PATCH', subresource=None)
+    assert body_patch.headers['User-Agent'].startswith('kopf/')
+    patch = json.loads(body_patch.body)
+    assert list(patch) == ['metadata'] and list(patch['metadata']) == ['annotations'], patch
+    assert DIFFBASE in patch['metadata']['annotations']
+    assert all(key.startswith(f'{GROUP}/') for key in patch['metadata']['annotations']), patch
+    history = [version for version in cluster.kube.objects[RN, NS, 'busy'].history if version is not None]
+    diffbases = {(version.raw.get('metadata', {}).get('annotations') or {}).get(DIFFBASE) for version in history}
+    assert len(diffbases - {None}) == 1  # stored once, for the creation
+    assert cluster.get('busy')['metadata']['generation'] == 1
+    assert len(cluster.events('busy')) == 1  # Accepted, once
+
+
+async def test_restart_resumes_with_counters_from_status(cluster, start_operator, http_target):
+    """A restarted operator takes the resource over (kopf's resume) and keeps counting from its status."""
+    first = await start_operator()
+    await cluster.create('kept', webhook_spec(f'{http_target.url}/hook'))
+    await cluster.wait_ready('kept', 'True', 'Accepted', generation=1)
+    one = await first.post_event('repo_push', sample_payload('repo_push', 'acme/web'))
+    assert one['matched'] == 1
+    await cluster.wait_status('kept', lambda s: s['deliveries']['succeeded'] == 1, "the first delivery")
+    await first.stop()
+    assert first.done.result() is None
+
+    second = await start_operator()  # a new engine: nothing in memory, everything from the resource
+    # The receiver is up as soon as the operator is ready; kopf resumes the resource right after.
+    await eventually(lambda: second.routed('kept'), "the resumed notification to be routed")
+    two = await second.post_event('repo_push', sample_payload('repo_push', 'acme/web'))
+    assert two['matched'] == 1
+    status = await cluster.wait_status('kept', lambda s: s['deliveries']['succeeded'] == 2, "the second delivery")
+    assert [record['eventId'] for record in status['recentDeliveries']] == [two['id'], one['id']]
+    assert condition(status) == {
+        'type': 'Ready', 'status': 'True', 'reason': 'Accepted',
+        'message': 'Routing repo_push events of acme/web to webhook', 'observedGeneration': 1,
+    }
+    assert len(http_target.on('/hook')) == 2
+    assert len(cluster.events('kept')) == 1  # no new Accepted Event: Ready did not change

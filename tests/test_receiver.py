@@ -1,0 +1,286 @@
+"""
+The receiver over real HTTP: every error answer (status and exact JSON), and that
+bad input changes nothing (the outbox stays empty although a notification would match).
+
+The engine's dispatcher is not started in most tests, so ``engine.outbox`` holds exactly
+what the receiver queued. One test runs the dispatcher and checks the target itself.
+"""
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestClient, TestServer
+
+from reponotify.dispatcher import DispatcherSettings
+from reponotify.engine import Engine, EngineSettings
+from reponotify.events import EVENT_NAMES, sample_payload
+from reponotify.notifications import NotificationKey, compile_notification
+from reponotify.receiver import MAX_BODY_BYTES, make_app
+from reponotify.standalone import ManifestSecrets, StatusFile
+
+TOKEN = 's3cr3t-token'
+AUTH = {'Authorization': f'Bearer {TOKEN}'}
+KEY = NotificationKey('team-a', 'push-to-ci')
+REPOSITORY = 'acme/web'
+PAYLOAD = sample_payload('repo_push', REPOSITORY)  # matches the routed notification
+KNOWN = ', '.join(EVENT_NAMES)
+UNAUTHORIZED = "missing or wrong credentials (Authorization: Bearer <token>, or X-Signature: sha256=<hmac>)"
+
+
+async def routed_engine(url: str = 'http://127.0.0.1:9/hook', **settings: object) -> Engine:
+    engine = Engine(EngineSettings(**settings))  # type: ignore[arg-type]
+    spec = {'repository': REPOSITORY, 'event': 'repo_push', 'method': 'webhook', 'config': {'url': url}}
+    engine.put_notification(await compile_notification(KEY, spec, ManifestSecrets({})))
+    return engine
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[Engine]:
+    """An engine whose outbox is open but whose dispatcher is not running: the outbox keeps what is queued."""
+    engine = await routed_engine()
+    await engine.outbox.open()
+    yield engine
+    await engine.outbox.close()
+
+
+@pytest.fixture
+async def client(engine: Engine) -> AsyncIterator[TestClient]:
+    async with TestClient(TestServer(make_app(engine, token=TOKEN))) as test_client:
+        yield test_client
+
+
+async def answer(response) -> tuple[int, object]:
+    assert response.headers['Content-Type'] == 'application/json; charset=utf-8'
+    return response.status, await response.json()
+
+
+async def test_accepted_event_answers_202_with_id_and_matched(client: TestClient, engine: Engine) -> None:
+    response = await client.post('/v1/events/repo_push', json=PAYLOAD, headers=AUTH)
+    status, body = await answer(response)
+    assert status == 202
+    assert sorted(body) == ['id', 'matched']
+    assert body['matched'] == 1
+    assert len(engine.outbox) == 1
+    delivery = await engine.outbox.take()
+    assert delivery.event.id == body['id']
+    assert delivery.key == KEY
+    assert delivery.event.payload == PAYLOAD
+
+
+async def test_event_for_an_unrouted_repository_matches_nothing(client: TestClient, engine: Engine) -> None:
+    response = await client.post('/v1/events/repo_push', json=sample_payload('repo_push', 'other/repo'),
+                                 headers=AUTH)
+    status, body = await answer(response)
+    assert (status, body['matched']) == (202, 0)
+    assert len(engine.outbox) == 0
+
+
+async def test_malformed_json_is_400(client: TestClient, engine: Engine) -> None:
+    response = await client.post('/v1/events/repo_push', data=b'{"repository": "acme/web"', headers=AUTH)
+    assert await answer(response) == (400, {
+        'error': "body is not valid JSON: Expecting ',' delimiter: line 1 column 26 (char 25)"})
+    assert len(engine.outbox) == 0
+
+
+async def test_json_with_nan_is_malformed_not_accepted(client: TestClient, engine: Engine) -> None:
+    # NaN/Infinity are not JSON (RFC 8259); accepting them would forward invalid JSON to webhook targets.
+    response = await client.post('/v1/events/repo_push', data=b'{"repository": "acme/web", "x": NaN}',
+                                 headers=AUTH)
+    assert await answer(response) == (400, {'error': "body is not valid JSON: NaN is not a JSON value"})
+    assert len(engine.outbox) == 0
+
+
+async def test_deeply_nested_json_is_400(client: TestClient, engine: Engine) -> None:
+    response = await client.post('/v1/events/repo_push', data=b'[' * 100_000, headers=AUTH)
+    assert await answer(response) == (400, {'error': "body is not valid JSON: nested too deeply"})
+    assert len(engine.outbox) == 0
+
+
+async def test_unknown_event_is_404(client: TestClient, engine: Engine) -> None:
+    response = await client.post('/v1/events/repo_pull', json=PAYLOAD, headers=AUTH)
+    assert await answer(response) == (404, {'error': f"unknown event 'repo_pull'; known events: {KNOWN}"})
+    assert len(engine.outbox) == 0
+
+
+async def test_payload_without_repository_is_422(client: TestClient, engine: Engine) -> None:
+    payload = {key: value for key, value in PAYLOAD.items() if key != 'repository'}
+    response = await client.post('/v1/events/repo_push', json=payload, headers=AUTH)
+    assert await answer(response) == (422, {
+        'error': "payload has no 'repository' field (expected \"namespace/name\")"})
+    assert len(engine.outbox) == 0
+
+
+@pytest.mark.parametrize('body, kind', [(b'[{"repository": "acme/web"}]', 'list'), (b'"acme/web"', 'str'),
+                                        (b'42', 'int'), (b'null', 'NoneType')])
+async def test_non_object_json_is_422(client: TestClient, engine: Engine, body: bytes, kind: str) -> None:
+    response = await client.post('/v1/events/repo_push', data=body, headers=AUTH)
+    assert await answer(response) == (422, {
+        'error': f"body must be a JSON object (a Quay event payload), not {kind}"})
+    assert len(engine.outbox) == 0
+
+
+@pytest.mark.parametrize('repository, message', [
+    (5, "payload field 'repository' must be a string \"namespace/name\", not int"),
+    ('Acme/Web', "payload field 'repository' must look like \"namespace/name\" (lowercase), got 'Acme/Web'"),
+    ('web', "payload field 'repository' must look like \"namespace/name\" (lowercase), got 'web'"),
+])
+async def test_unusable_repository_is_422(client: TestClient, engine: Engine, repository: object,
+                                          message: str) -> None:
+    response = await client.post('/v1/events/repo_push', json={**PAYLOAD, 'repository': repository},
+                                 headers=AUTH)
+    assert await answer(response) == (422, {'error': message})
+    assert len(engine.outbox) == 0
+
+
+def oversized_payload() -> bytes:
+    """A valid, matching payload just over the limit: only its size is wrong."""
+    body = json.dumps({**PAYLOAD, 'padding': ''}).encode()
+    padding = MAX_BODY_BYTES + 1 - len(body)
+    body = json.dumps({**PAYLOAD, 'padding': 'x' * padding}).encode()
+    assert len(body) == MAX_BODY_BYTES + 1
+    return body
+
+
+async def test_body_over_1_mib_with_content_length_is_413(client: TestClient, engine: Engine) -> None:
+    response = await client.post('/v1/events/repo_push', data=oversized_payload(), headers=AUTH)
+    assert await answer(response) == (413, {'error': "request body is larger than 1048576 bytes"})
+    assert len(engine.outbox) == 0
+
+
+async def test_body_over_1_mib_chunked_is_413(client: TestClient, engine: Engine) -> None:
+    body = oversized_payload()
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: Transfer-Encoding: chunked
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start:start + 64 * 1024]
+
+    response = await client.post('/v1/events/repo_push', data=chunks(), headers=AUTH)
+    assert await answer(response) == (413, {'error': "request body is larger than 1048576 bytes"})
+    assert len(engine.outbox) == 0
+
+
+async def test_body_of_exactly_1_mib_is_accepted(client: TestClient, engine: Engine) -> None:
+    body = oversized_payload()[:-3] + b'"}'  # one padding byte less: exactly the limit
+    assert len(body) == MAX_BODY_BYTES
+    json.loads(body)
+    response = await client.post('/v1/events/repo_push', data=body, headers=AUTH)
+    status, answer_body = await answer(response)
+    assert (status, answer_body['matched']) == (202, 1)
+    assert len(engine.outbox) == 1
+
+
+@pytest.mark.parametrize('headers', [
+    {},
+    {'Authorization': 'Bearer wrong-token'},
+    {'Authorization': f'Basic {TOKEN}'},
+    {'Authorization': TOKEN},
+    {'Authorization': f'Bearer {TOKEN}x'},
+])
+async def test_missing_or_wrong_token_is_401(client: TestClient, engine: Engine, headers: dict[str, str]) -> None:
+    response = await client.post('/v1/events/repo_push', json=PAYLOAD, headers=headers)
+    assert await answer(response) == (401, {
+        'error': UNAUTHORIZED})
+    assert len(engine.outbox) == 0
+
+
+async def test_right_token_is_202_and_scheme_is_case_insensitive(client: TestClient, engine: Engine) -> None:
+    response = await client.post('/v1/events/repo_push', json=PAYLOAD, headers={'Authorization': f'bearer {TOKEN}'})
+    status, body = await answer(response)
+    assert (status, body['matched']) == (202, 1)
+
+
+async def test_without_a_configured_token_no_header_is_needed(engine: Engine) -> None:
+    async with TestClient(TestServer(make_app(engine, token=None))) as open_client:
+        response = await open_client.post('/v1/events/repo_push', json=PAYLOAD)
+        status, body = await answer(response)
+    assert (status, body['matched']) == (202, 1)
+    assert len(engine.outbox) == 1
+
+
+@pytest.mark.parametrize('key', ['', 'k' * 256])
+async def test_bad_idempotency_key_is_400(client: TestClient, engine: Engine, key: str) -> None:
+    response = await client.post('/v1/events/repo_push', json=PAYLOAD, headers={**AUTH, 'Idempotency-Key': key})
+    assert await answer(response) == (400, {'error': "Idempotency-Key must be 1 to 255 characters"})
+    assert len(engine.outbox) == 0
+
+
+async def test_same_idempotency_key_twice_is_accepted_once(client: TestClient, engine: Engine) -> None:
+    headers = {**AUTH, 'Idempotency-Key': 'k' * 255}
+    first = await client.post('/v1/events/repo_push', json=PAYLOAD, headers=headers)
+    second = await client.post('/v1/events/repo_push', json=PAYLOAD, headers=headers)
+    first_status, first_body = await answer(first)
+    second_status, second_body = await answer(second)
+    assert (first_status, second_status) == (202, 202)
+    assert second_body == first_body
+    assert first_body['matched'] == 1
+    assert 'Idempotent-Replayed' not in first.headers
+    assert second.headers['Idempotent-Replayed'] == 'true'
+    assert len(engine.outbox) == 1
+
+    other = await client.post('/v1/events/repo_push', json=PAYLOAD, headers={**AUTH, 'Idempotency-Key': 'other'})
+    _, other_body = await answer(other)
+    assert other_body['id'] != first_body['id']
+    assert len(engine.outbox) == 2
+
+
+async def test_unknown_path_is_404_json(client: TestClient) -> None:
+    response = await client.get('/v2/nothing-here', headers=AUTH)
+    assert await answer(response) == (404, {'error': "no such endpoint: GET /v2/nothing-here"})
+
+
+async def test_wrong_method_is_405_json(client: TestClient) -> None:
+    response = await client.get('/v1/events/repo_push', headers=AUTH)
+    assert await answer(response) == (405, {'error': "method GET is not allowed on /v1/events/repo_push"})
+
+
+async def test_health_endpoints_need_no_token(client: TestClient) -> None:
+    for path in ('/healthz', '/readyz'):
+        response = await client.get(path)
+        assert await answer(response) == (200, {'status': 'ok'})
+
+
+async def test_rejected_requests_never_reach_the_target(http_target, tmp_path) -> None:
+    """With the dispatcher running: only the one good event of a burst of bad ones is delivered."""
+    engine = await routed_engine(f'{http_target.url}/hook',
+                                 dispatcher=DispatcherSettings(workers=2, retry_schedule=()))
+    await engine.start(StatusFile(tmp_path / 'status.json'))
+    try:
+        async with TestClient(TestServer(make_app(engine, token=TOKEN))) as test_client:
+            bad = [
+                ('/v1/events/repo_push', json.dumps(PAYLOAD).encode(), {}),  # no token
+                ('/v1/events/repo_pull', json.dumps(PAYLOAD).encode(), AUTH),  # unknown event
+                ('/v1/events/repo_push', b'{"repository": "acme/web",', AUTH),  # malformed
+                ('/v1/events/repo_push', oversized_payload(), AUTH),  # too large
+                ('/v1/events/repo_push', json.dumps(PAYLOAD).encode(), {**AUTH, 'Idempotency-Key': ''}),
+            ]
+            for path, body, headers in bad:
+                response = await test_client.post(path, data=body, headers=headers)
+                assert response.status in (400, 401, 404, 413)
+            good = {**PAYLOAD, 'updated_tags': ['v9']}
+            response = await test_client.post('/v1/events/repo_push', json=good, headers=AUTH)
+            assert response.status == 202
+            received = await http_target.wait_for(1, '/hook')
+    finally:
+        await engine.stop()
+    assert len(http_target.requests) == 1
+    assert received[0].json() == good
+
+
+async def test_receiver_on_a_real_port(engine: Engine, unused_tcp_port: int) -> None:
+    """The same app served by aiohttp's runner on a real TCP port (what the front ends do)."""
+    from reponotify.receiver import serve
+
+    runner = await serve(make_app(engine, token=TOKEN), '127.0.0.1', unused_tcp_port)
+    try:
+        async with ClientSession() as session:
+            url = f'http://127.0.0.1:{unused_tcp_port}/v1/events/repo_push'
+            async with session.post(url, json=PAYLOAD) as response:
+                assert (response.status, await response.json()) == (401, {
+                    'error': UNAUTHORIZED})
+            async with session.post(url, json=PAYLOAD, headers=AUTH) as response:
+                assert response.status == 202
+                assert (await response.json())['matched'] == 1
+    finally:
+        await runner.cleanup()
+    assert len(engine.outbox) == 1
