@@ -282,3 +282,14 @@ async def test_invalid_spec_messages_never_show_the_url(method: str, url: str, m
             await compile_notification(KEY, spec, secrets)
         assert str(caught.value) == message
         assert 'SECRET' not in str(caught.value)
+
+
+async def test_a_notification_repr_never_shows_inline_secrets() -> None:
+    from reponotify.notifications import NotificationKey, compile_notification
+    from reponotify.standalone import ManifestSecrets
+
+    spec = {'repository': 'acme/web', 'event': 'repo_push', 'method': 'slack',
+            'config': {'url': 'https://hooks.slack.example/services/T0/B0/inline-secret-token'}}
+    notification = await compile_notification(NotificationKey('team-a', 'n'), spec, ManifestSecrets({}))
+    assert 'inline-secret-token' not in repr(notification)
+    assert 'inline-secret-token' not in str(notification)

@@ -16,11 +16,13 @@ import pathlib
 import sys
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
 from reponotify.config import ReceiverSettings, Settings
 from reponotify.dispatcher import DispatcherSettings, parse_schedule
+from reponotify.email_verification import DEFAULT_HOLD_MAX_AGE, VerificationSettings
 from reponotify.engine import EngineSettings
 from reponotify.events import EVENT_NAMES, sample_payload
 from reponotify.methods.base import MethodSettings, SmtpSettings
@@ -48,6 +50,26 @@ def _policy(ctx: click.Context, param: click.Parameter, value: str) -> TargetPol
         return TargetPolicy.parse(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        durations = parse_schedule(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if len(durations) != 1 or durations[0] <= 0:
+        raise click.BadParameter("must be one positive duration (examples: 90m, 24h)")
+    return durations[0]
+
+
+def _public_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ('http', 'https') or not parts.hostname or parts.query or parts.fragment:
+        raise click.BadParameter("must be an http(s) URL with a host and no query, "
+                                 "such as https://reponotify.example.com")
+    return value.rstrip('/')
 
 
 def common_options(function: F) -> F:
@@ -93,6 +115,13 @@ def common_options(function: F) -> F:
         option('--smtp-from', default=SmtpSettings.sender, show_default=True, help="Sender address of mails."),
         option('--smtp-ca-file', type=click.Path(dir_okay=False, exists=True),
                help="Extra CA bundle to trust for the SMTP server's certificate."),
+        option('--public-url', callback=_public_url,
+               help="The receiver's base URL as people reach it (e.g. https://reponotify.example.com): "
+                    "e-mail verification links point there."),
+        option('--email-hold-max-age', default='24h', show_default=True, callback=_duration,
+               help="How long events for an e-mail address not verified yet wait for it; older ones are dropped."),
+        option('--no-email-verification', is_flag=True, default=False,
+               help="Mail addresses without verifying them first (trusted installations only)."),
         option('--log-level', type=click.Choice(['debug', 'info', 'warning', 'error']), default='info',
                show_default=True, help="Logging verbosity."),
     ]
@@ -118,6 +147,8 @@ def build_settings(host: str, port: int, token_file: pathlib.Path | None, token:
                    status_interval: float, allow_targets: TargetPolicy, flowdock_api_url: str, hipchat_api_url: str, smtp_host: str | None,
                    smtp_port: int, smtp_security: str, smtp_username: str | None,
                    smtp_password_file: pathlib.Path | None, smtp_from: str, smtp_ca_file: str | None,
+                   public_url: str | None = None, email_hold_max_age: float = DEFAULT_HOLD_MAX_AGE,
+                   no_email_verification: bool = False,
                    **_: Any) -> Settings:
     if token_file is not None:
         token = _read_secret_file(token_file, '--token-file')
@@ -133,7 +164,9 @@ def build_settings(host: str, port: int, token_file: pathlib.Path | None, token:
         engine=EngineSettings(
             dispatcher=DispatcherSettings(workers=workers, per_target=per_target, retry_schedule=retry_schedule,
                                           timeout=timeout, methods=methods, target_policy=allow_targets),
-            status_interval=status_interval),
+            status_interval=status_interval,
+            verification=VerificationSettings(enabled=not no_email_verification, public_url=public_url,
+                                              hold_max_age=email_hold_max_age)),
         state_dir=state_dir,
         shutdown_grace=shutdown_grace,
     )

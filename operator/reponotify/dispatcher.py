@@ -16,6 +16,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -51,6 +52,19 @@ def parse_schedule(text: str) -> tuple[float, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Hold:
+    """A gate's answer that a delivery may not go now: postpone it ``delay`` seconds, or drop it."""
+    message: str  # with ``drop``, the Dropped outcome's message
+    delay: float = 0.0
+    drop: bool = False
+
+
+# Asked before each attempt whether the delivery may go now (None: go). The engine's e-mail
+# verification is one: it holds mails to an address until that address is verified.
+DeliveryGate = Callable[[Notification, PendingDelivery], Hold | None]
+
+
+@dataclasses.dataclass(frozen=True)
 class DispatcherSettings:
     workers: int = 64
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
@@ -74,6 +88,7 @@ class Dispatcher:
     ) -> None:
         self._inbox = inbox
         self.announce: Announce | None = None  # set by the operator front end
+        self.gate: DeliveryGate | None = None  # set by the engine (e-mail verification)
         self._outbox = outbox
         self._routing = routing
         self._book = book
@@ -140,6 +155,14 @@ class Dispatcher:
             self._record(delivery, DeliveryOutcome.DROPPED,
                          "Dropped: the notification is disabled after repeated failures")
             await self._outbox.complete(delivery)
+            return
+        hold = self.gate(notification, delivery) if self.gate is not None else None
+        if hold is not None:
+            if hold.drop:
+                self._record(delivery, DeliveryOutcome.DROPPED, hold.message)
+                await self._outbox.complete(delivery)
+            else:
+                await self._outbox.postpone(delivery, hold.delay)  # no attempt: nothing to count or write
             return
 
         target = notification.method.target_key(notification.target) or str(notification.key)

@@ -4,6 +4,8 @@ The engine: the core wired together, independent of any front end.
 One :class:`Engine` owns the routing table, the outbox, the dispatcher and
 the status book. Front ends (the kopf operator, the standalone mode) feed it
 notifications and give it a status sink; the receiver feeds it events.
+Unless turned off, it also holds e-mail to addresses not verified yet for
+their repository (:mod:`reponotify.email_verification`).
 """
 import asyncio
 import dataclasses
@@ -13,13 +15,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from reponotify.dispatcher import Dispatcher, DispatcherSettings
+from reponotify.email_verification import EmailVerification, VerificationSettings, verification_page
 from reponotify.events import PRIORITIES, Event, new_event, sample_payload
 from reponotify.inbox import Inbox
 from reponotify.models import priority_level
 from reponotify.notifications import Notification, NotificationKey
-from reponotify.outbox import Accepted, Outbox
+from reponotify.outbox import Accepted, Outbox, OutboxError
 from reponotify.routing import RoutingTable
-from reponotify.status import StatusBook, StatusFlusher, StatusSink, TransitionListener
+from reponotify.status import ReadyCondition, StatusBook, StatusFlusher, StatusSink, TransitionListener
+from reponotify.verification import VerificationStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,12 @@ class EngineSettings:
     dispatcher: DispatcherSettings = DispatcherSettings()
     status_interval: float = 1.0  # at most one status write per notification per this many seconds
     idempotency_window: float = 24 * 3600.0  # seconds an Idempotency-Key is remembered
+    verification: VerificationSettings = VerificationSettings()  # of e-mail addresses
+
+
+def accepted_condition(notification: Notification) -> ReadyCondition:
+    return ReadyCondition('True', 'Accepted', f"Routing {notification.event} events of {notification.repository} "
+                                              f"to {notification.method.name}")
 
 
 def test_payload(notification: Notification) -> dict[str, Any]:
@@ -48,27 +58,50 @@ class Engine:
 
     def __init__(self, settings: EngineSettings = EngineSettings(),
                  on_transition: TransitionListener | None = None,
-                 outbox_path: pathlib.Path | str = ':memory:') -> None:
-        """``outbox_path``: the SQLite file of the durable outbox (front ends put it in the state folder)."""
+                 outbox_path: pathlib.Path | str = ':memory:',
+                 state_dir: pathlib.Path | str | None = None) -> None:
+        """
+        ``outbox_path``: the SQLite file of the durable outbox (front ends put it in the state folder).
+        ``state_dir``: where other state (verified e-mail addresses) is kept; by default the outbox's
+        folder, or nowhere (memory only) with an in-memory outbox.
+        """
         self.settings = settings
         self.routing = RoutingTable()
         self.book = StatusBook(on_transition=on_transition)
         self.outbox = Outbox(outbox_path, idempotency_window=settings.idempotency_window)
         self.inbox = Inbox()
         self.dispatcher = Dispatcher(self.outbox, self.routing, self.book, settings.dispatcher, inbox=self.inbox)
+        self.verification: EmailVerification | None = None
+        if settings.verification.enabled:
+            if state_dir is None and str(outbox_path) != ':memory:':
+                state_dir = pathlib.Path(outbox_path).parent
+            self.verification = EmailVerification(
+                settings.verification, state_dir=state_dir, routing=self.routing, book=self.book,
+                smtp=settings.dispatcher.methods.smtp, timeout=settings.dispatcher.timeout,
+                on_verified=self._address_verified)
+            self.dispatcher.gate = self.verification.gate
         self._flusher: StatusFlusher | None = None
         self._flusher_task: asyncio.Task[None] | None = None
 
     async def start(self, sink: StatusSink) -> None:
+        if self.verification is not None:
+            try:
+                self.verification.open()
+            except VerificationStoreError as exc:  # front ends report unusable state as they do the outbox's
+                raise OutboxError(str(exc)) from None
         pending = await self.outbox.open()
         if pending:
             logger.info("Resuming %d pending deliveries from the outbox", pending)
         self._flusher = StatusFlusher(self.book, sink, min_interval=self.settings.status_interval)
         self._flusher_task = asyncio.create_task(self._flusher.run(), name='status-flusher')
         await self.dispatcher.start()
+        if self.verification is not None:
+            await self.verification.start()
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop delivering (in-flight attempts get ``grace`` seconds), write statuses, close the outbox."""
+        if self.verification is not None:
+            await self.verification.stop()
         await self.dispatcher.stop(grace)
         if self._flusher_task is not None:
             self._flusher_task.cancel()
@@ -89,6 +122,29 @@ class Engine:
 
     def remove_notification(self, key: NotificationKey) -> None:
         self.routing.remove(key)
+
+    def admit(self, notification: Notification) -> None:
+        """
+        Route a compiled notification and set its Ready condition: Accepted, or (an e-mail
+        address not verified yet for the repository) EmailNotVerified, sending a verification mail.
+        """
+        self.put_notification(notification)
+        condition = self.verification.admit(notification) if self.verification is not None else None
+        self.book.set_spec_condition(notification.key, condition or accepted_condition(notification),
+                                     notification.generation)
+
+    async def verify_address(self, token: str) -> tuple[int, str]:
+        """Open a verification link: the HTTP status and the HTML page to answer."""
+        return await verification_page(self.verification, token)
+
+    async def _address_verified(self, keys: list[NotificationKey]) -> None:
+        """An address was verified: its notifications are Accepted, their held deliveries go now."""
+        for key in keys:
+            notification = self.routing.get(key)
+            if notification is not None:
+                self.book.set_spec_condition(key, accepted_condition(notification), notification.generation)
+        if keys:
+            await self.outbox.make_due(keys)
 
     # -- events ----------------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ class SecretSource(Protocol):
 class Notification:
     """A notification ready for routing and delivery."""
     key: NotificationKey
-    spec: RepositoryNotificationSpec
+    spec: RepositoryNotificationSpec = dataclasses.field(repr=False)  # config may hold inline secrets
     method: Method
     target: Any  # what the method prepared from its config, secrets resolved
     matches: Callable[[Payload], bool]

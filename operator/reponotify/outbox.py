@@ -28,7 +28,7 @@ import pathlib
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from reponotify.events import Event
@@ -291,6 +291,26 @@ class Outbox:
         async with self._condition():
             self._push(delivery)
             self._condition().notify_all()
+
+    async def make_due(self, keys: Collection[NotificationKey]) -> int:
+        """
+        Make every waiting delivery of these notifications due now; returns how many.
+
+        For deliveries held back by a gate (an e-mail address waiting for verification):
+        once the gate opens they go out at once rather than at their next check.
+        """
+        now = self._clock()
+        changed = 0
+        async with self._condition():
+            for index, (due, sequence, delivery) in enumerate(self._heap):
+                if due > now and delivery.key in keys:
+                    delivery.due = now
+                    self._heap[index] = (now, sequence, delivery)
+                    changed += 1
+            if changed:
+                heapq.heapify(self._heap)
+                self._condition().notify_all()
+        return changed
 
     async def complete(self, delivery: PendingDelivery) -> None:
         """The delivery's final outcome is recorded: remove it (and its event, once nothing refers to it)."""

@@ -16,6 +16,8 @@ precise JSON error and changes nothing:
 =====  ==========================================================
 
 Also ``GET /v1/inbox?kind=&name=`` (the quay_notification inbox),
+``GET /v1/verify/<token>`` (the link of an e-mail verification mail: an HTML
+page, 200, or 410 for a used or expired link, 404 for an unknown one),
 ``GET /healthz`` and ``GET /readyz``; front ends may add routes (the
 standalone mode adds ``/v1/notifications`` and its test and reset buttons).
 """
@@ -32,6 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from reponotify.config import ReceiverSettings
+from reponotify.email_verification import PAGE_HEADERS, VERIFY_PATH
 from reponotify.engine import Engine
 from reponotify.events import EVENT_KINDS, EVENT_NAMES
 from reponotify.inbox import TARGET_KINDS
@@ -189,6 +192,12 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({'status': 'ok'})
 
 
+async def verify_address(request: web.Request) -> web.Response:
+    """The link of a verification mail: verifies an e-mail address, answers a small HTML page."""
+    status, page = await request.app[ENGINE].verify_address(request.match_info['token'])
+    return web.Response(status=status, text=page, content_type='text/html', charset='utf-8', headers=PAGE_HEADERS)
+
+
 def make_app(engine: Engine, *, token: str | None = None, hmac_secret: str | None = None,
              read_timeout: float = DEFAULT_READ_TIMEOUT) -> web.Application:
     """The receiver application; the caller runs it (see :func:`serve`)."""
@@ -201,6 +210,8 @@ def make_app(engine: Engine, *, token: str | None = None, hmac_secret: str | Non
     app.router.add_get('/v1/inbox', get_inbox)
     app.router.add_get('/healthz', healthz)
     app.router.add_get('/readyz', healthz)
+    # No token: the link comes from a mail. No HEAD: a link checker's HEAD must not use the link up.
+    app.router.add_get(VERIFY_PATH + '{token}', verify_address, allow_head=False)
     return app
 
 

@@ -141,10 +141,7 @@ async def load_into(engine: Engine, manifests: Manifests, previous: dict[str, di
             logger.warning("%s is not ready: %s: %s", key, exc.reason, exc)
             engine.book.set_spec_condition(key, ReadyCondition('False', exc.reason, str(exc)))
             continue
-        engine.put_notification(notification)
-        engine.book.set_spec_condition(key, ReadyCondition(
-            'True', 'Accepted',
-            f"Routing {notification.event} events of {notification.repository} to {notification.method.name}"))
+        engine.admit(notification)  # Accepted, or EmailNotVerified until its address is verified
 
 
 MANIFESTS: web.AppKey[Manifests] = web.AppKey('manifests', Manifests)

@@ -162,9 +162,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
             if isinstance(exc, SecretNotFound):
                 raise kopf.TemporaryError(str(exc), delay=options.secret_retry_delay)
             return
-        engine.put_notification(notification)
-        message = f"Routing {notification.event} events of {notification.repository} to {notification.method.name}"
-        engine.book.set_spec_condition(key, ReadyCondition('True', 'Accepted', message), generation)
+        engine.admit(notification)  # Accepted, or EmailNotVerified until its address is verified
         await engine.flush_status()
 
     @kopf.on.field(GROUP, VERSION, PLURAL, field=('metadata', 'annotations', TEST_ANNOTATION),

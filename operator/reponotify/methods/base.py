@@ -220,12 +220,12 @@ def _tls_reason(exc: aiohttp.ClientError, url: str) -> str | None:
     servers (asyncio's among them) drop the connection instead of sending the alert: over
     HTTPS a reset then most likely means the same, so say so.
     """
-    for candidate in (exc, exc.__cause__, getattr(exc, 'os_error', None)):
-        if isinstance(candidate, _ssl.SSLError):
-            return _ssl_text(candidate)
-    if urlsplit(url).scheme != 'https':
-        return None
     causes = (exc, exc.__cause__, getattr(exc, 'os_error', None))
-    if any(isinstance(c, ConnectionResetError) or getattr(c, 'errno', None) == errno.ECONNRESET for c in causes):
+    for cause in causes:
+        if isinstance(cause, _ssl.SSLError):
+            return _ssl_text(cause)
+    if urlsplit(url).scheme == 'https' and any(
+            isinstance(cause, ConnectionResetError) or getattr(cause, 'errno', None) == errno.ECONNRESET
+            for cause in causes):
         return "connection reset (does the target require a TLS client certificate?)"
     return None

@@ -21,8 +21,10 @@ implicit TLS; certificates are checked against the system CAs plus
 a final failure, 4xx and transport errors are retried. No message ever
 contains the SMTP password.
 
-Quay mails only addresses that were verified for the repository; that store
-is :mod:`reponotify.verification` (not wired in yet).
+Quay mails only addresses that were verified for the repository: the engine
+holds deliveries to an address until it is verified (see
+:mod:`reponotify.email_verification`, which sends its verification mail
+through :func:`send_mail` here); this method itself just sends.
 """
 import dataclasses
 import datetime
@@ -67,6 +69,7 @@ MAX_SUBJECT_LENGTH = 250  # summaries quote payload values (a mirror's message):
 # "Subject:", which some parsers (Python's among them) read back with a leading space; summaries
 # are clipped well below 998 instead. The mail is sent exactly as flattened with this policy.
 _POLICY = email.policy.SMTP.clone(max_line_length=998, cte_type='7bit')
+POLICY = _POLICY  # for the other mail reponotify sends (the verification mail)
 
 _LAYOUT = jinja2.Environment(
     loader=jinja2.PackageLoader('reponotify', 'messages'),
@@ -226,31 +229,56 @@ class EmailMethod(Method):
     async def deliver(self, target: Any, event: Event, context: DeliveryContext) -> AttemptResult:
         assert isinstance(target, EmailTarget)
         smtp = context.settings.smtp
-        if not smtp.host:
-            return AttemptResult(ok=False, retryable=False,
-                                 message="no SMTP server is configured (--smtp-host): cannot send mail")
-        if smtp.username and smtp.password is None:
-            return AttemptResult(ok=False, retryable=False,
-                                 message="an SMTP user name is configured without a password (--smtp-password-file)")
-        if smtp.username and smtp.security == 'none':
-            return AttemptResult(ok=False, retryable=False,
-                                 message="refusing to send the SMTP password without TLS: "
-                                         "set --smtp-security to starttls or tls")
+        problem = smtp_problem(smtp)
+        if problem is not None:
+            return problem
         try:
             mail = build_message(event, sender=smtp.sender, recipient=target.recipient,
                                  delivery_id=context.delivery_id, notification=_notification_name(context))
-            sender_address = _single_address(mail['From'])
         except ValueError as exc:
             return AttemptResult(ok=False, retryable=False, message=f"cannot build the mail: {exc}")
-        try:
-            tls = tls_context(smtp.ca_file) if smtp.security in ('starttls', 'tls') else None
-        except (OSError, ssl.SSLError) as exc:
-            return AttemptResult(ok=False, retryable=False,
-                                 message=f"cannot load the SMTP CA file (--smtp-ca-file): {_reason(exc)}")
-        try:
-            return await _send(mail, sender_address, target.recipient, smtp, tls, context.timeout)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a reported result
-            return _scrub(classify_error(exc, smtp), smtp.password)
+        return await send_mail(mail, target.recipient, smtp, context.timeout)
+
+
+def smtp_problem(smtp: SmtpSettings) -> AttemptResult | None:
+    """Why no mail can be sent with these SMTP settings (a final failure), or None."""
+    if not smtp.host:
+        return AttemptResult(ok=False, retryable=False,
+                             message="no SMTP server is configured (--smtp-host): cannot send mail")
+    if smtp.username and smtp.password is None:
+        return AttemptResult(ok=False, retryable=False,
+                             message="an SMTP user name is configured without a password (--smtp-password-file)")
+    if smtp.username and smtp.security == 'none':
+        return AttemptResult(ok=False, retryable=False,
+                             message="refusing to send the SMTP password without TLS: "
+                                     "set --smtp-security to starttls or tls")
+    return None
+
+
+async def send_mail(mail: email.message.EmailMessage, recipient: str, smtp: SmtpSettings,
+                    timeout: float) -> AttemptResult:
+    """Send a built mail to one recipient through the SMTP server; every failure is a reported result."""
+    problem = smtp_problem(smtp)
+    if problem is not None:
+        return problem
+    try:
+        sender_address = _single_address(mail['From'])
+    except ValueError as exc:
+        return AttemptResult(ok=False, retryable=False, message=f"cannot build the mail: {exc}")
+    try:
+        tls = tls_context(smtp.ca_file) if smtp.security in ('starttls', 'tls') else None
+    except (OSError, ssl.SSLError) as exc:
+        return AttemptResult(ok=False, retryable=False,
+                             message=f"cannot load the SMTP CA file (--smtp-ca-file): {_reason(exc)}")
+    try:
+        return await _send(mail, sender_address, recipient, smtp, tls, timeout)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a reported result
+        return _scrub(classify_error(exc, smtp), smtp.password)
+
+
+def sender_address(mail: email.message.EmailMessage) -> str:
+    """The address in a mail's From header (ValueError unless it is exactly one address)."""
+    return _single_address(mail['From'])
 
 
 def _notification_name(context: DeliveryContext) -> str | None:

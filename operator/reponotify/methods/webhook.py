@@ -61,7 +61,9 @@ class TlsConfig(MethodConfig):
         if self.ca is None and self.cert is None:
             raise ValueError("give a CA bundle to trust (caFrom), a client certificate (certFrom and keyFrom), "
                              "or both")
-        build_ssl_context(self)  # a bad PEM or a mismatched key is reported now, not at delivery time
+        # A bad PEM or a mismatched key is reported now, not at delivery time (the system's CAs,
+        # slow to load, are loaded once, by prepare()).
+        build_ssl_context(self, system_trust=False)
         return self
 
 
@@ -116,7 +118,7 @@ def signing_key(secret: pydantic.SecretStr) -> bytes:
     return key
 
 
-def build_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+def build_ssl_context(tls: TlsConfig, *, system_trust: bool = True) -> ssl.SSLContext:
     """An SSL context trusting ``ca`` (else the system's CAs) and presenting the client certificate, if any."""
     if tls.ca is not None and _PEM_CERTIFICATE not in tls.ca:
         raise ValueError(f"ca must hold PEM certificates ({_PEM_CERTIFICATE}...)")
@@ -125,7 +127,12 @@ def build_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     if tls.key is not None and not _PEM_KEY.search(tls.key.get_secret_value()):
         raise ValueError("key must hold a PEM private key (-----BEGIN PRIVATE KEY-----...)")
     try:
-        context = ssl.create_default_context(cadata=tls.ca) if tls.ca is not None else ssl.create_default_context()
+        if tls.ca is not None:
+            context = ssl.create_default_context(cadata=tls.ca)
+        elif system_trust:
+            context = ssl.create_default_context()
+        else:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     except (ssl.SSLError, ValueError) as exc:
         raise ValueError(f"ca is not a usable PEM CA bundle ({_ssl_words(exc)})") from None
     if tls.cert is not None and tls.key is not None:
