@@ -153,17 +153,21 @@ async def test_send_posts_to_a_running_receiver(http_target, tmp_path: pathlib.P
         [received] = await http_target.wait_for(1, '/hooks/ci')
         assert received.json() == sample_payload('repo_push', 'acme/web')
 
-        # the same through environment variables, with a payload file and an idempotency key, twice
+        # configured through environment variables, with a payload file and an idempotency key
         payload_file = tmp_path / 'payload.json'
-        payload_file.write_text(json.dumps(sample_payload('repo_push', 'acme/web') | {'updated_tags': ['v2']}))
+        payload = sample_payload('repo_push', 'acme/web') | {'updated_tags': ['v2']}
+        payload_file.write_text(json.dumps(payload))
         env = environment(REPONOTIFY_URL=base, REPONOTIFY_TOKEN_FILE=token_file, REPONOTIFY_PAYLOAD=str(payload_file),
                           REPONOTIFY_IDEMPOTENCY_KEY='release-v2')
-        first = await run('send', 'repo_push', env=env)
-        second = await run('send', 'repo_push', env=env)
-        assert first[0] == second[0] == 0
-        assert json.loads(first[1]) == json.loads(second[1])  # accepted once
+        code, stdout, stderr = await run('send', 'repo_push', env=env)
+        assert code == 0, stderr
+        assert json.loads(stdout)['matched'] == 1
         requests = await http_target.wait_for(2, '/hooks/ci')
-        assert requests[1].json()['updated_tags'] == ['v2']
+        assert requests[1].json() == payload
+        # the receiver remembers the key that came from REPONOTIFY_IDEMPOTENCY_KEY: the same key is accepted once
+        status, replay = await post(f'{base}/v1/events/repo_push', payload,
+                                    {'Authorization': f'Bearer {TOKEN}', 'Idempotency-Key': 'release-v2'})
+        assert (status, replay) == (202, json.loads(stdout))
 
         code, stdout, _ = await run('send', 'repo_push', '--url', base, '--repository', 'acme/web')
         assert (code, json.loads(stdout)) == (1, {'error': UNAUTHORIZED})

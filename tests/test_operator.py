@@ -99,6 +99,10 @@ class Cluster:
         await self._call('POST', '/api/v1/namespaces', {'apiVersion': 'v1', 'kind': 'Namespace',
                                                         'metadata': {'name': name}})
 
+    async def annotate_namespace(self, name: str, annotations: dict[str, str | None]) -> None:
+        await self._call('PATCH', f'/api/v1/namespaces/{name}', {'metadata': {'annotations': annotations}},
+                         content_type='application/merge-patch+json')
+
     async def create_secret(self, name: str, data: dict[str, str]) -> None:
         body = {'apiVersion': 'v1', 'kind': 'Secret', 'metadata': {'name': name, 'namespace': NS},
                 'data': {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}}
@@ -209,14 +213,15 @@ async def start_operator(cluster: Cluster, tmp_path: pathlib.Path) -> AsyncItera
     running: list[tuple[Operator, concurrent.futures.ThreadPoolExecutor]] = []
 
     async def start(*, status_interval: float = 0.1, retry_schedule: tuple[float, ...] = (0.05, 0.05, 0.05, 0.05),
-                    secret_retry_delay: float = 0.5) -> Operator:
+                    secret_retry_delay: float = 0.5, repository_policy: str = 'allow') -> Operator:
         port = free_port()
         settings = Settings(
             receiver=ReceiverSettings(host='127.0.0.1', port=port),
             engine=EngineSettings(dispatcher=DispatcherSettings(workers=16, retry_schedule=retry_schedule, timeout=5.0),
                                   status_interval=status_interval),
             state_dir=tmp_path, shutdown_grace=1.0)
-        options = OperatorSettings(common=settings, kube_api_url=cluster.url, secret_retry_delay=secret_retry_delay)
+        options = OperatorSettings(common=settings, kube_api_url=cluster.url, secret_retry_delay=secret_retry_delay,
+                                   repository_policy=repository_policy)
         engine = Engine(settings.engine, outbox_path=settings.state_dir / 'outbox.sqlite3')
         stop_flag, ready_flag = threading.Event(), threading.Event()  # kopf takes threading flags too
 
@@ -357,7 +362,7 @@ async def test_delete_stops_routing(cluster, start_operator, http_target):
     await cluster.create('push', webhook_spec(f'{http_target.url}/hook'))
     await cluster.wait_ready('push', 'True', 'Accepted', generation=1)
     assert (await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web')))['matched'] == 1
-    await http_target.wait_for(1, '/hook')
+    await cluster.wait_status('push', lambda s: s['deliveries']['succeeded'] == 1, "the delivery to be recorded")
 
     await cluster.delete('push')
     assert cluster.get('push') is None
@@ -368,6 +373,25 @@ async def test_delete_stops_routing(cluster, start_operator, http_target):
     assert len(operator.engine.outbox) == 0
     assert len(http_target.requests) == 1  # only the delivery from before the deletion
     assert operator.engine.book.keys() == []  # its status is forgotten too
+
+
+async def test_delete_during_an_attempt_leaves_nothing_behind(cluster, start_operator, http_target):
+    http_target.script('/slow', Reply(delay=0.5))
+    operator = await start_operator()
+    await cluster.create('push', webhook_spec(f'{http_target.url}/slow'))
+    await cluster.wait_ready('push', 'True', 'Accepted', generation=1)
+    assert (await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web')))['matched'] == 1
+    await http_target.wait_for(1, '/slow')  # the attempt is in flight: the target answers in 0.5 s
+
+    await cluster.delete('push')
+    await eventually(lambda: not operator.routed('push'), "the deleted notification to be unrouted")
+    await eventually(lambda: len(operator.engine.outbox) == 0, "the attempt in flight to finish")
+    assert operator.engine.book.keys() == []
+
+    # A new resource of the same name starts afresh.
+    await cluster.create('push', webhook_spec(f'{http_target.url}/slow'))
+    status = await cluster.wait_ready('push', 'True', 'Accepted', generation=1)
+    assert status['deliveries'] == {'succeeded': 0, 'failed': 0, 'dropped': 0}
 
 
 @pytest.mark.parametrize('spec, message', [

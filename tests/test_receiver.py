@@ -240,10 +240,10 @@ async def test_health_endpoints_need_no_token(client: TestClient) -> None:
         assert await answer(response) == (200, {'status': 'ok'})
 
 
-async def test_rejected_requests_never_reach_the_target(http_target, tmp_path) -> None:
-    """With the dispatcher running: only the one good event of a burst of bad ones is delivered."""
+async def test_rejected_and_replayed_requests_never_reach_the_target(http_target, tmp_path) -> None:
+    """With the dispatcher running: of a burst of bad, good and replayed requests, each good event arrives once."""
     engine = await routed_engine(f'{http_target.url}/hook',
-                                 dispatcher=DispatcherSettings(workers=2, retry_schedule=()))
+                                 dispatcher=DispatcherSettings(workers=1, retry_schedule=()))  # one worker: FIFO
     await engine.start(StatusFile(tmp_path / 'status.json'))
     try:
         async with TestClient(TestServer(make_app(engine, token=TOKEN))) as test_client:
@@ -258,13 +258,20 @@ async def test_rejected_requests_never_reach_the_target(http_target, tmp_path) -
                 response = await test_client.post(path, data=body, headers=headers)
                 assert response.status in (400, 401, 404, 413)
             good = {**PAYLOAD, 'updated_tags': ['v9']}
-            response = await test_client.post('/v1/events/repo_push', json=good, headers=AUTH)
+            answers = []
+            for _ in range(3):  # a client retrying with the same key
+                response = await test_client.post('/v1/events/repo_push', json=good,
+                                                  headers={**AUTH, 'Idempotency-Key': 'push-v9'})
+                answers.append((response.status, await response.json()))
+            assert answers[1:] == answers[:1] * 2
+            assert answers[0][0] == 202
+            sentinel = {**PAYLOAD, 'updated_tags': ['sentinel']}
+            response = await test_client.post('/v1/events/repo_push', json=sentinel, headers=AUTH)
             assert response.status == 202
-            received = await http_target.wait_for(1, '/hook')
+            await http_target.wait_for(2, "/hook")
     finally:
         await engine.stop()
-    assert len(http_target.requests) == 1
-    assert received[0].json() == good
+    assert [request.json() for request in http_target.requests] == [good, sentinel]
 
 
 async def test_receiver_on_a_real_port(engine: Engine, unused_tcp_port: int) -> None:

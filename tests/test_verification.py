@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from reponotify.verification import (MAX_TOKENS_PER_ADDRESS, STATE_FILE, VerificationError, VerificationStore,
-                                     VerificationStoreError, Verified)
+from reponotify.verification import (MAX_TOKENS_PER_ADDRESS, STATE_FILE, OpenRequest, VerificationError,
+                                     VerificationStore, VerificationStoreError, Verified)
 
 
 class Clock:
@@ -211,3 +211,37 @@ def test_issue_needs_a_repository_and_an_address(store: VerificationStore) -> No
 def test_error_messages_are_clear() -> None:
     assert str(VerificationError('expired')) == "this verification link has expired: ask for a new one"
     assert VerificationError('unknown').reason == VerificationError.UNKNOWN == 'unknown'
+
+
+def test_an_open_request_is_a_mailed_link_neither_used_nor_expired(store: VerificationStore, clock: Clock) -> None:
+    token = store.issue('acme/web', 'ops@example.com')
+    assert store.open_request('acme/web', 'ops@example.com') is None  # issued, not mailed yet
+    clock.now += 10
+    store.mark_sent(token)
+    assert store.open_request('acme/web', 'ops@EXAMPLE.com') == OpenRequest(sent=clock.now, expires=clock.now + 3590)
+    assert store.open_request('acme/api', 'ops@example.com') is None
+    clock.now += 3590
+    assert store.open_request('acme/web', 'ops@example.com') is None  # expired
+    newer = store.issue('acme/web', 'ops@example.com')
+    store.mark_sent(newer)
+    store.verify(newer)
+    assert store.open_request('acme/web', 'ops@example.com') is None  # used
+
+
+def test_the_newest_open_request_counts_and_survives_a_restart(tmp_path: Path, clock: Clock) -> None:
+    store = VerificationStore(tmp_path, ttl=3600, clock=clock)
+    store.mark_sent(store.issue('acme/web', 'ops@example.com'))
+    clock.now += 60
+    store.mark_sent(store.issue('acme/web', 'ops@example.com'))
+    store.mark_sent('unknown.token')  # ignored
+    reopened = VerificationStore(tmp_path, ttl=3600, clock=clock)
+    assert reopened.open_request('acme/web', 'ops@example.com') == OpenRequest(sent=clock.now,
+                                                                               expires=clock.now + 3600)
+
+
+def test_without_a_state_dir_the_store_lives_in_memory(tmp_path: Path, clock: Clock) -> None:
+    store = VerificationStore(None, ttl=3600, clock=clock)
+    assert store.path is None
+    store.verify(store.issue('acme/web', 'ops@example.com'))
+    assert store.is_verified('acme/web', 'ops@example.com')
+    assert list(tmp_path.iterdir()) == []

@@ -20,12 +20,14 @@ from urllib.parse import urlsplit
 
 import click
 
-from reponotify.config import ReceiverSettings, Settings
+from reponotify.config import ReceiverSettings, Settings, SourceSettings
 from reponotify.dispatcher import DispatcherSettings, parse_schedule
 from reponotify.email_verification import DEFAULT_HOLD_MAX_AGE, VerificationSettings
 from reponotify.engine import EngineSettings
 from reponotify.events import EVENT_NAMES, sample_payload
 from reponotify.methods.base import MethodSettings, SmtpSettings
+from reponotify.sources import SOURCE_NAMES
+from reponotify.sources.common import check_homepage_template, clean_host
 from reponotify.targets import TargetPolicy
 
 F = Callable[..., Any]
@@ -70,6 +72,35 @@ def _public_url(ctx: click.Context, param: click.Parameter, value: str | None) -
         raise click.BadParameter("must be an http(s) URL with a host and no query, "
                                  "such as https://reponotify.example.com")
     return value.rstrip('/')
+
+
+def _registry_host(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return None
+    if clean_host(value) is None:
+        raise click.BadParameter("must be a registry host, optionally with a port (registry.example.com:5000)")
+    return value
+
+
+def _homepage_template(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return None
+    if urlsplit(value.split('{', 1)[0]).scheme not in ('http', 'https'):
+        raise click.BadParameter("must be an http(s) URL, such as https://registry-ui.example.com/{repository}")
+    try:
+        return check_homepage_template(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _source_files(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, pathlib.Path]:
+    files: dict[str, pathlib.Path] = {}
+    for item in value:
+        name, sep, path = item.partition('=')
+        if not sep or name not in SOURCE_NAMES or not path:
+            raise click.BadParameter(f"expected NAME=PATH with NAME one of {', '.join(SOURCE_NAMES)}, got {item!r}")
+        files[name] = pathlib.Path(path)
+    return files
 
 
 def common_options(function: F) -> F:
@@ -122,6 +153,24 @@ def common_options(function: F) -> F:
                help="How long events for an e-mail address not verified yet wait for it; older ones are dropped."),
         option('--no-email-verification', is_flag=True, default=False,
                help="Mail addresses without verifying them first (trusted installations only)."),
+        option('--distribution-registry-host', callback=_registry_host,
+               help="Docker Distribution source: the registry host in docker_url (default: the host the pusher "
+                    "used, from the registry's event)."),
+        option('--distribution-homepage-url', callback=_homepage_template,
+               help="Docker Distribution source: the homepage URL, a template with {repository}, {namespace}, "
+                    "{name}, {host} (without placeholders the repository is appended); "
+                    "default: <registry>/v2/<repository>/tags/list."),
+        option('--harbor-homepage-url', callback=_homepage_template,
+               help="Harbor source: the homepage URL template (as above); default: https://{host}/harbor/projects."),
+        option('--source-token-file', 'source_token_files', multiple=True, callback=_source_files,
+               metavar='NAME=PATH', help="A bearer token for one source instead of --token-file (repeatable; "
+                                         f"NAME: {', '.join(SOURCE_NAMES)})."),
+        option('--source-hmac-secret-file', 'source_hmac_secret_files', multiple=True, callback=_source_files,
+               metavar='NAME=PATH', help="An HMAC secret for one source instead of --hmac-secret-file (repeatable)."),
+        option('--unauthenticated-source', 'unauthenticated_sources', multiple=True,
+               type=click.Choice(SOURCE_NAMES),
+               help="A source that takes requests without credentials: only behind something that authenticates "
+                    "them, such as an ingress checking a client certificate (repeatable)."),
         option('--log-level', type=click.Choice(['debug', 'info', 'warning', 'error']), default='info',
                show_default=True, help="Logging verbosity."),
     ]
@@ -149,6 +198,11 @@ def build_settings(host: str, port: int, token_file: pathlib.Path | None, token:
                    smtp_password_file: pathlib.Path | None, smtp_from: str, smtp_ca_file: str | None,
                    public_url: str | None = None, email_hold_max_age: float = DEFAULT_HOLD_MAX_AGE,
                    no_email_verification: bool = False,
+                   distribution_registry_host: str | None = None, distribution_homepage_url: str | None = None,
+                   harbor_homepage_url: str | None = None,
+                   source_token_files: dict[str, pathlib.Path] | None = None,
+                   source_hmac_secret_files: dict[str, pathlib.Path] | None = None,
+                   unauthenticated_sources: tuple[str, ...] = (),
                    **_: Any) -> Settings:
     if token_file is not None:
         token = _read_secret_file(token_file, '--token-file')
@@ -160,7 +214,15 @@ def build_settings(host: str, port: int, token_file: pathlib.Path | None, token:
     return Settings(
         receiver=ReceiverSettings(
             host=host, port=port, token=token or None, read_timeout=read_timeout,
-            hmac_secret=_read_secret_file(hmac_secret_file, '--hmac-secret-file') if hmac_secret_file else None),
+            hmac_secret=_read_secret_file(hmac_secret_file, '--hmac-secret-file') if hmac_secret_file else None,
+            sources=SourceSettings(
+                distribution_registry_host=distribution_registry_host,
+                distribution_homepage_url=distribution_homepage_url, harbor_homepage_url=harbor_homepage_url,
+                tokens={name: _read_secret_file(path, '--source-token-file')
+                        for name, path in (source_token_files or {}).items()},
+                hmac_secrets={name: _read_secret_file(path, '--source-hmac-secret-file')
+                              for name, path in (source_hmac_secret_files or {}).items()},
+                unauthenticated=frozenset(unauthenticated_sources))),
         engine=EngineSettings(
             dispatcher=DispatcherSettings(workers=workers, per_target=per_target, retry_schedule=retry_schedule,
                                           timeout=timeout, methods=methods, target_policy=allow_targets),
@@ -190,14 +252,17 @@ def main() -> None:
 @option('--liveness', default='http://0.0.0.0:8081/healthz', show_default=True,
         help="kopf's liveness endpoint URL (empty to disable).")
 @option('--kube-api-url', help="Use this API server URL without credentials (development and tests).")
-def operator(namespaces: tuple[str, ...], liveness: str, kube_api_url: str | None, log_level: str,
-             **kwargs: Any) -> None:
+@option('--repository-policy', type=click.Choice(['allow', 'deny']), default='allow', show_default=True,
+        help="Tenancy: which repositories a namespace without the reponotify.dev/allowed-repositories "
+             "annotation may subscribe to: all (allow) or none (deny).")
+def operator(namespaces: tuple[str, ...], liveness: str, kube_api_url: str | None, repository_policy: str,
+             log_level: str, **kwargs: Any) -> None:
     """Run the Kubernetes operator and the receiver."""
     from reponotify.kube.handlers import OperatorSettings, run_operator
 
     _configure_logging(log_level)
     settings = build_settings(**kwargs)
-    options = OperatorSettings(common=settings, kube_api_url=kube_api_url)
+    options = OperatorSettings(common=settings, kube_api_url=kube_api_url, repository_policy=repository_policy)
     asyncio.run(run_operator(options, namespaces=list(namespaces), liveness_endpoint=liveness or None))
 
 

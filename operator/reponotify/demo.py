@@ -124,11 +124,11 @@ async def run_demo(manifests: pathlib.Path | None = None) -> int:
     print("\nNotification status:")
     print(f"  {'NAME':<24} {'EVENT':<20} {'READY':<6} {'REASON':<14} {'FAILURES':>8} "
           f"{'OK':>3} {'FAILED':>6}  LAST DELIVERY")
-    for item in items:
-        status = item['status']
+    for notification in items:
+        status = notification['status']
         ready = status['conditions'][0]
         last = status.get('lastDelivery') or {}
-        print(f"  {item['name']:<24} {item['event']:<20} {ready['status']:<6} {ready['reason']:<14} "
+        print(f"  {notification['name']:<24} {notification['event']:<20} {ready['status']:<6} {ready['reason']:<14} "
               f"{status['numberOfFailures']:>8} {status['deliveries']['succeeded']:>3} "
               f"{status['deliveries']['failed']:>6}  {last.get('outcome', '-')} {last.get('message', '')}")
     return 0

@@ -177,6 +177,9 @@ class Dispatcher:
             if not self._per_target[target]:
                 del self._per_target[target]
         delivery.attempts += 1
+        if self._routing.get(delivery.key) is None:  # deleted during the attempt: it has no status to update
+            await self._outbox.complete(delivery)
+            return
         disabled = self._book.record_attempt(delivery.key, result.ok)
 
         if result.ok:

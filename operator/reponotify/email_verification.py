@@ -159,7 +159,7 @@ class EmailVerification:
         self._smtp = smtp
         self._timeout = timeout
         self._on_verified = on_verified
-        self._clock = clock
+        self.clock = clock  # replaceable before start (tests)
         self.store: VerificationStore | None = None  # loaded by open()
         self._wanted: dict[Pair, set[NotificationKey]] = {}  # notifications that named the pair
         self._requests: dict[Pair, asyncio.Task[None]] = {}  # verification mails being sent
@@ -171,7 +171,7 @@ class EmailVerification:
     def open(self) -> None:
         """Load the store (raises VerificationStoreError, naming the file, if it cannot be used)."""
         if self.store is None:
-            self.store = VerificationStore(self._state_dir, ttl=self.settings.link_ttl, clock=self._clock)
+            self.store = VerificationStore(self._state_dir, ttl=self.settings.link_ttl, clock=self.clock)
 
     async def start(self) -> None:
         """Settle what was admitted before the store was loaded, and send the mails that are due."""
@@ -210,7 +210,7 @@ class EmailVerification:
         repository, address = pair
         if notification.key not in self._wanted.setdefault(pair, set()):
             self._wanted[pair].add(notification.key)
-        age = self._clock() - delivery.event.received_at.timestamp()
+        age = self.clock() - delivery.event.received_at.timestamp()
         max_age = self.settings.hold_max_age
         if age >= max_age:
             return Hold(drop=True, message=(
@@ -263,7 +263,7 @@ class EmailVerification:
         if self.store.is_verified(*pair) or self.store.open_request(*pair) is not None:
             return
         failure = self._failures.get(pair)
-        if failure is not None and self._clock() < failure.at + FINAL_FAILURE_PAUSE:
+        if failure is not None and self.clock() < failure.at + FINAL_FAILURE_PAUSE:
             return
         self._failures.pop(pair, None)
         task = asyncio.get_running_loop().create_task(self._request(pair), name=f'verify-{pair[1]}')
@@ -276,7 +276,7 @@ class EmailVerification:
         repository, address = pair
         token = self.store.issue(repository, address)
         link = verification_link(self.settings.public_url, token)
-        expires = self._clock() + self.settings.link_ttl
+        expires = self.clock() + self.settings.link_ttl
         attempts = 0
         while True:
             keys = self._keys(pair)
@@ -293,7 +293,7 @@ class EmailVerification:
                 result = await send_mail(mail, address, self._smtp, self._timeout)
                 result_ok, retryable, message = result.ok, result.retryable, result.message
             attempts += 1
-            now = self._clock()
+            now = self.clock()
             if result_ok:
                 self.store.mark_sent(token)
                 self._failures.pop(pair, None)

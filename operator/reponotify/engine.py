@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from reponotify.dispatcher import Dispatcher, DispatcherSettings
@@ -148,11 +148,12 @@ class Engine:
 
     # -- events ----------------------------------------------------------------------------------
 
-    async def ingest(self, kind: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None) -> Accepted:
-        """Route an event and durably queue one delivery per matching notification."""
+    async def ingest(self, kind: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None,
+                     claims: Sequence[str] = ()) -> Accepted:
+        """Route an event and durably queue one delivery per matching notification (claims: Outbox.accept)."""
         event = new_event(kind, payload)
         keys = [notification.key for notification in self.routing.match(event)]
-        return await self.outbox.accept(event, keys, idempotency_key)
+        return await self.outbox.accept(event, keys, idempotency_key, claims)
 
     async def send_test(self, key: NotificationKey, value: str) -> None:
         """

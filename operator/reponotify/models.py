@@ -27,6 +27,16 @@ CATEGORIES = ['reponotify']
 # also have deeper paths ("group/sub/name"), which route the same way.
 _COMPONENT = r'[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*'
 REPOSITORY_PATTERN = rf'^{_COMPONENT}(?:/{_COMPONENT})+$'
+# What spec.repository takes: an exact repository, or a glob where "*" stands for any part of one
+# path component ("acme/*", "*/web", "acme/web-*"); see reponotify.routing for how globs match.
+_GLOB_COMPONENT = r'[a-z0-9._-]*\*[a-z0-9._*-]*'
+_SPEC_COMPONENT = rf'(?:{_COMPONENT}|{_GLOB_COMPONENT})'
+REPOSITORY_OR_GLOB_PATTERN = rf'^{_SPEC_COMPONENT}(?:/{_SPEC_COMPONENT})+$'
+
+
+def is_glob(repository: str) -> bool:
+    """Whether a spec.repository is a glob pattern rather than one repository."""
+    return '*' in repository
 
 EventName = enum.StrEnum('EventName', {name.upper(): name for name in EVENT_NAMES})
 
@@ -95,8 +105,9 @@ def priority_level(value: int | str) -> int | None:
 class RepositoryNotificationSpec(_Model):
     """When an event happens on a repository, notify a target by a method."""
     repository: str = pydantic.Field(
-        max_length=255, pattern=REPOSITORY_PATTERN,
-        description='The repository, "namespace/name" as in Quay (e.g. acme/web).')
+        max_length=255, pattern=REPOSITORY_OR_GLOB_PATTERN,
+        description='The repository, "namespace/name" as in Quay (e.g. acme/web), or a glob where * matches '
+                    'within one path component (acme/* or */web); every matching notification is notified.')
     event: EventName = pydantic.Field(description="The Quay event that triggers the notification.")
     eventConfig: EventConfig | None = pydantic.Field(
         default=None, description="Optional per-event filter: refRegex, level or days.")

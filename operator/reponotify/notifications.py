@@ -47,6 +47,11 @@ class SecretNotFound(SpecError):
     reason = 'SecretNotFound'
 
 
+class RepositoryNotPermitted(SpecError):
+    """The namespace may not subscribe to this repository (see reponotify.tenancy)."""
+    reason = 'RepositoryNotPermitted'
+
+
 class SecretSource(Protocol):
     """Reads one key of one Secret; raises :class:`SecretNotFound` with a clear message."""
 

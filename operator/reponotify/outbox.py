@@ -15,7 +15,9 @@ every retry and after a restart.
 
 ``Idempotency-Key`` values (and their answers) are kept in the same database
 for a configurable window, so a retried request is accepted once, also across
-restarts.
+restarts. An event made of several source events (a registry adapter coalescing
+the tags of one envelope) also *claims* each source event's own key, in the same
+transaction: no source event is queued twice, whichever envelope carries it.
 """
 import asyncio
 import concurrent.futures
@@ -73,6 +75,7 @@ class Accepted:
     id: str
     matched: int
     replayed: bool = False
+    taken: tuple[str, ...] = ()  # claims already held by earlier events: nothing was queued (see accept)
 
 
 @dataclasses.dataclass
@@ -92,6 +95,7 @@ class _Submission:
     event: Event
     keys: Sequence[NotificationKey] = ()
     idempotency_key: str | None = None
+    claims: Sequence[str] = ()
     delivery: PendingDelivery | None = None
     future: asyncio.Future[Any] | None = None
 
@@ -178,10 +182,17 @@ class Outbox:
     # -- accepting -------------------------------------------------------------------------------
 
     async def accept(self, event: Event, keys: Sequence[NotificationKey],
-                     idempotency_key: str | None = None) -> Accepted:
-        """Durably queue one delivery per key; returns once committed (or the earlier answer for a key)."""
+                     idempotency_key: str | None = None, claims: Sequence[str] = ()) -> Accepted:
+        """
+        Durably queue one delivery per key; returns once committed (or the earlier answer for a key).
+
+        ``claims``: further idempotency keys the event stands for (the source events coalesced
+        into it), recorded with it. If an earlier event already holds any of them, nothing is
+        queued and the answer's ``taken`` lists them: the caller rebuilds the event without
+        those parts and tries again.
+        """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._submit(_Submission('accept', event, keys, idempotency_key, future=future))
+        self._submit(_Submission('accept', event, keys, idempotency_key, claims=claims, future=future))
         accepted, deliveries = await future
         if deliveries:
             async with self._condition():
@@ -210,7 +221,7 @@ class Outbox:
                         if submission.future is not None and not submission.future.done():
                             submission.future.set_exception(OutboxError(f"could not queue the event: {exc}"))
                     continue
-                for submission, result in zip(batch, results):
+                for submission, result in zip(batch, results, strict=True):
                     if submission.future is not None and not submission.future.done():
                         submission.future.set_result(result)
 
@@ -245,8 +256,15 @@ class Outbox:
                              (submission.idempotency_key,)).fetchone()
             if row is not None:
                 return Accepted(id=row[0], matched=row[1], replayed=True), []
-            db.execute('INSERT INTO idempotency (key, event_id, matched, created) VALUES (?, ?, ?, ?)',
-                       (submission.idempotency_key, event.id, len(submission.keys), now))
+        claims = [claim for claim in dict.fromkeys(submission.claims) if claim != submission.idempotency_key]
+        taken = tuple(claim for claim in claims
+                      if db.execute('SELECT 1 FROM idempotency WHERE key = ?', (claim,)).fetchone())
+        if taken:
+            return Accepted(id=event.id, matched=0, taken=taken), []
+        if submission.idempotency_key is not None:
+            claims.insert(0, submission.idempotency_key)
+        db.executemany('INSERT INTO idempotency (key, event_id, matched, created) VALUES (?, ?, ?, ?)',
+                       [(key, event.id, len(submission.keys), now) for key in claims])
         deliveries = [PendingDelivery(event=event, key=key, due=now) for key in submission.keys]
         if deliveries:
             db.execute('INSERT INTO events (id, kind, repository, payload, received_at) VALUES (?, ?, ?, ?, ?)',

@@ -207,6 +207,7 @@ def make_app(engine: Engine, *, token: str | None = None, hmac_secret: str | Non
     app[STATE] = ReceiverState()
     app[READ_TIMEOUT] = read_timeout
     app.router.add_post('/v1/events/{event}', post_event)
+    sources.add_routes(app)  # /v1/sources/<registry>: the registry adapters (reponotify.sources)
     app.router.add_get('/v1/inbox', get_inbox)
     app.router.add_get('/healthz', healthz)
     app.router.add_get('/readyz', healthz)
@@ -217,8 +218,10 @@ def make_app(engine: Engine, *, token: str | None = None, hmac_secret: str | Non
 
 def make_receiver(engine: Engine, settings: ReceiverSettings) -> web.Application:
     """The receiver application configured from the command line's settings."""
-    return make_app(engine, token=settings.token, hmac_secret=settings.hmac_secret,
-                    read_timeout=settings.read_timeout)
+    app = make_app(engine, token=settings.token, hmac_secret=settings.hmac_secret,
+                   read_timeout=settings.read_timeout)
+    sources.configure(app, settings.sources)
+    return app
 
 
 async def shut_down(app: web.Application, runner: web.AppRunner, grace: float) -> None:
@@ -236,3 +239,6 @@ async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
     await site.start()
     logger.info("Receiver listening on %s:%s", host, port)
     return runner
+
+
+from reponotify import sources  # noqa: E402  (last: reponotify.sources imports the names above)

@@ -1,22 +1,47 @@
 """
 The routing table: (repository, event kind) to the notifications that want it.
 
-Lookup is one dict access whatever the number of notifications; the filters
-(refRegex, level, days) then run only on the few notifications of that route.
+``spec.repository`` is either one repository (``acme/web``) or a glob
+(``acme/*``, ``*/web``, ``acme/web-*``). In a glob, ``*`` stands for any run of
+characters inside one path component: it never crosses a ``/``, so ``acme/*``
+matches ``acme/web`` but not ``acme/team/web`` (write ``acme/*/*`` for that).
+
+Exact notifications are found with one dict access whatever their number.
+Glob notifications are kept apart, per event kind, and each is checked against
+the event's repository (a precompiled regular expression each); there are
+normally few of them. The filters (refRegex, level, days) then run only on the
+notifications found.
+
+Precedence: there is none. An event goes to *every* notification that matches
+it, exact or glob, each exactly once: an exact ``acme/web`` notification and an
+``acme/*`` notification on the same event are both delivered to, once each
+(they are different resources with their own targets and status). A more
+specific notification never hides a more general one; to stop one of them,
+suspend it or narrow its pattern.
+
 The front ends (kopf handlers, the standalone loader) keep the table in step
 with the resources through :meth:`RoutingTable.put` and :meth:`RoutingTable.remove`.
 """
+import re
+
 from reponotify.events import Event
+from reponotify.models import is_glob
 from reponotify.notifications import Notification, NotificationKey
 
 Route = tuple[str, str]  # (repository, event kind)
 
 
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """The regular expression of a repository glob: ``*`` is any run of characters except ``/``."""
+    return re.compile('[^/]*'.join(re.escape(part) for part in pattern.split('*')))
+
+
 class RoutingTable:
-    """Compiled notifications indexed by route and by key."""
+    """Compiled notifications indexed by route (exact repositories), by event kind (globs) and by key."""
 
     def __init__(self) -> None:
         self._by_route: dict[Route, dict[NotificationKey, Notification]] = {}
+        self._globs: dict[str, dict[NotificationKey, tuple[re.Pattern[str], Notification]]] = {}
         self._by_key: dict[NotificationKey, Notification] = {}
 
     def __len__(self) -> int:
@@ -28,13 +53,24 @@ class RoutingTable:
     def put(self, notification: Notification) -> None:
         """Add a notification, or replace the one with the same key (its route may change)."""
         self.remove(notification.key)
-        route = (notification.repository, notification.event)
-        self._by_route.setdefault(route, {})[notification.key] = notification
+        if is_glob(notification.repository):
+            entry = (glob_regex(notification.repository), notification)
+            self._globs.setdefault(notification.event, {})[notification.key] = entry
+        else:
+            route = (notification.repository, notification.event)
+            self._by_route.setdefault(route, {})[notification.key] = notification
         self._by_key[notification.key] = notification
 
     def remove(self, key: NotificationKey) -> None:
         old = self._by_key.pop(key, None)
-        if old is not None:
+        if old is None:
+            return
+        if is_glob(old.repository):
+            globs = self._globs[old.event]
+            del globs[key]
+            if not globs:
+                del self._globs[old.event]
+        else:
             route = (old.repository, old.event)
             entries = self._by_route[route]
             del entries[key]
@@ -42,8 +78,12 @@ class RoutingTable:
                 del self._by_route[route]
 
     def candidates(self, repository: str, kind: str) -> list[Notification]:
-        """The notifications on a route, before filters."""
-        return list(self._by_route.get((repository, kind), {}).values())
+        """The notifications on a route, exact ones first, then matching globs; before filters."""
+        found = list(self._by_route.get((repository, kind), {}).values())
+        globs = self._globs.get(kind)
+        if globs:
+            found.extend(notification for regex, notification in globs.values() if regex.fullmatch(repository))
+        return found
 
     def match(self, event: Event) -> list[Notification]:
         """The notifications that this event should be delivered to, filters applied."""

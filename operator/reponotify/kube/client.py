@@ -58,6 +58,14 @@ class KubeClient:
             raise RuntimeError(f"reading Secret {namespace}/{name} failed with HTTP {status}")
         return body
 
+    async def read_namespace(self, name: str) -> dict[str, Any] | None:
+        status, body = await self.request('GET', f'/api/v1/namespaces/{name}')
+        if status == 404:
+            return None
+        if status >= 400:
+            raise RuntimeError(f"reading Namespace {name} failed with HTTP {status}")
+        return body
+
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         path = f'/apis/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status'
         code, _ = await self.request('PATCH', path, json={'status': status},

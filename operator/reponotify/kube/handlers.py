@@ -27,10 +27,12 @@ from reponotify.config import Settings
 from reponotify.engine import Engine
 from reponotify.kube.client import KubeClient
 from reponotify.models import GROUP, PLURAL, VERSION
-from reponotify.notifications import InvalidSpec, NotificationKey, SecretNotFound, SpecError, compile_notification
+from reponotify.notifications import (InvalidSpec, NotificationKey, RepositoryNotPermitted, SecretNotFound, SpecError,
+                                      compile_notification)
 from reponotify.outbox import OutboxError
 from reponotify.receiver import make_receiver, serve, shut_down
 from reponotify.status import ReadyCondition
+from reponotify.tenancy import Allowance, allowance_from
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class OperatorSettings:
     common: Settings
     kube_api_url: str | None = None  # talk to this API server without credentials (development, tests)
     secret_retry_delay: float = SECRET_RETRY_DELAY  # seconds between checks for a missing Secret
+    repository_policy: str = 'allow'  # without the namespace annotation: 'allow' or 'deny' (tenancy)
 
 
 class KubeSecrets:
@@ -88,6 +91,8 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
     # Each resource's metadata.uid, for the Events' involvedObject: `kubectl describe` selects
     # Events by involvedObject.uid, so an Event without it is never shown there.
     uids: dict[NotificationKey, str] = {}
+    specs: dict[NotificationKey, tuple[dict[str, Any], int | None]] = {}  # to re-check on namespace changes
+    allowances: dict[str, Allowance] = {}  # namespace -> what it may subscribe to (tenancy)
 
     def post_event_later(key: NotificationKey, type: str, reason: str, message: str) -> None:
         task = asyncio.get_running_loop().create_task(_post_event(client, key, uids.get(key), type, reason, message))
@@ -139,30 +144,64 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         await asyncio.gather(*background, return_exceptions=True)
         await client.close()
 
+    async def allowance_of(namespace: str) -> Allowance:
+        if namespace not in allowances:  # not seen on the namespace watch yet (start-up): ask once
+            found = await client.read_namespace(namespace)
+            allowances[namespace] = allowance_from((found or {}).get('metadata', {}).get('annotations'),
+                                                   default_allow=options.repository_policy == 'allow')
+        return allowances[namespace]
+
+    async def apply(key: NotificationKey, spec: dict[str, Any], generation: int | None) -> None:
+        """Route a resource's spec, or record why not; raises SecretNotFound for kopf to retry."""
+        if spec.get('suspend') is True:
+            engine.remove_notification(key)
+            engine.book.set_spec_condition(key, ReadyCondition('False', 'Suspended', "spec.suspend is true"),
+                                           generation)
+            return
+        try:
+            notification = await compile_notification(key, spec, secrets, generation=generation)
+            allowance = await allowance_of(key.namespace)
+            if not allowance.permits(notification.repository):
+                raise RepositoryNotPermitted(allowance.explain(key.namespace, notification.repository))
+        except SpecError as exc:
+            engine.remove_notification(key)
+            engine.book.set_spec_condition(key, ReadyCondition('False', exc.reason, str(exc)), generation)
+            raise
+        engine.admit(notification)  # Accepted, or EmailNotVerified until its address is verified
+
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, field='spec', registry=registry)
     async def reconcile(spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, namespace: str, name: str,
                         **_: Any) -> None:
         key = NotificationKey(namespace, name)
-        generation = meta.get('generation')
         engine.book.seed(key, dict(status))
-        if spec.get('suspend') is True:
-            engine.remove_notification(key)
-            engine.book.set_spec_condition(key, ReadyCondition('False', 'Suspended', "spec.suspend is true"),
-                                           generation)
-            await engine.flush_status()
-            return
+        specs[key] = (dict(spec), meta.get('generation'))
         try:
-            notification = await compile_notification(key, dict(spec), secrets, generation=generation)
-        except SpecError as exc:
-            engine.remove_notification(key)
-            engine.book.set_spec_condition(key, ReadyCondition('False', exc.reason, str(exc)), generation)
+            await apply(key, dict(spec), meta.get('generation'))
+        except SecretNotFound as exc:
+            raise kopf.TemporaryError(str(exc), delay=options.secret_retry_delay) from None
+        except SpecError:
+            pass  # recorded in the Ready condition: a person has to change something
+        finally:
             await engine.flush_status()
-            if isinstance(exc, SecretNotFound):
-                raise kopf.TemporaryError(str(exc), delay=options.secret_retry_delay)
+
+    @kopf.on.event('', 'v1', 'namespaces', registry=registry)
+    async def namespace_changed(type: str, body: kopf.Body, name: str, **_: Any) -> None:
+        """A namespace's allowed-repositories annotation changed: re-check its notifications."""
+        allowance = allowance_from(body.metadata.get('annotations'), default_allow=options.repository_policy == 'allow')
+        if type == 'DELETED' or allowances.get(name) == allowance:
             return
-        engine.admit(notification)  # Accepted, or EmailNotVerified until its address is verified
+        known = name in allowances
+        allowances[name] = allowance
+        if not known:
+            return  # first sight: the resources' own handlers check it
+        for key, (spec, generation) in sorted(specs.items()):
+            if key.namespace == name:
+                try:
+                    await apply(key, spec, generation)
+                except SpecError:
+                    pass  # recorded in the Ready condition
         await engine.flush_status()
 
     @kopf.on.field(GROUP, VERSION, PLURAL, field=('metadata', 'annotations', TEST_ANNOTATION),
@@ -194,6 +233,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
             engine.remove_notification(key)
             engine.book.forget(key)
             uids.pop(key, None)
+            specs.pop(key, None)
         elif body.metadata.get('uid'):
             uids[key] = body.metadata['uid']
 

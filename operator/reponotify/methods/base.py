@@ -205,8 +205,8 @@ _SSL_TEXT = re.compile(r'^(?:\[[A-Z0-9_]+: [A-Z0-9_]+\] )?(?P<text>.*?)(?: \(_ss
 
 def _ssl_text(exc: _ssl.SSLError) -> str:
     """OpenSSL's words without the ``[SSL: CODE]`` prefix and ``(_ssl.c:N)`` suffix."""
-    text = str(getattr(exc, 'verify_message', None) and f"certificate verify failed: {exc.verify_message}"
-               or exc.strerror or exc)
+    verify_message = getattr(exc, 'verify_message', None)  # only certificate verification errors have it
+    text = str(verify_message and f"certificate verify failed: {verify_message}" or exc.strerror or exc)
     match = _SSL_TEXT.match(text)
     return match.group('text') if match and match.group('text') else text
 

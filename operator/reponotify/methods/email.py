@@ -191,7 +191,7 @@ def build_message(event: Event, *, sender: str, recipient: str, delivery_id: str
 
 
 def _single_address(header: Any) -> str:
-    addresses = getattr(header, 'addresses', ())
+    addresses: tuple[Any, ...] = tuple(getattr(header, 'addresses', ()))
     if len(addresses) != 1 or not addresses[0].addr_spec or '@' not in addresses[0].addr_spec:
         raise ValueError("the configured sender (--smtp-from) is not one e-mail address")
     return str(addresses[0].addr_spec)
