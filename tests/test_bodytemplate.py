@@ -9,7 +9,6 @@ import json
 from typing import Any
 
 import pytest
-
 from reponotify.bodytemplate import TemplateError, compile_template
 from reponotify.events import sample_payload
 from reponotify.notifications import InvalidSpec, NotificationKey, compile_notification
@@ -148,8 +147,8 @@ def test_rendering_does_not_change_the_template_or_the_payload() -> None:
     ('{"a": "${a..}"}', "template expression ${a..} is not valid JSONPath: Parse error near the end of string!"),
     ('not json', "template is not valid JSON: Expecting value: line 1 column 1 (char 0)"),
     ('{"a": "${repository}"', "template is not valid JSON: Expecting ',' delimiter: line 1 column 22 (char 21)"),
-    ("{'a': 1}", "template is not valid JSON: Expecting property name enclosed in double quotes: "
-                 "line 1 column 2 (char 1)"),
+    ("{'a': 1}",
+     "template is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
 ])
 def test_bad_templates_are_rejected_with_exact_messages(text: str, message: str) -> None:
     with pytest.raises(TemplateError) as caught:

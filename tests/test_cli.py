@@ -6,12 +6,14 @@ talks to it over HTTP; ``crd`` must print the checked-in CRD byte for byte; ``de
 """
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
 import signal
 import socket
 import sys
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +21,6 @@ from typing import Any
 import aiohttp
 import click
 import pytest
-
 from reponotify.cli import main
 from reponotify.events import sample_payload
 
@@ -44,7 +45,7 @@ async def run(*args: str, env: dict[str, str] | None = None, cwd: pathlib.Path =
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         process.kill()
         await process.wait()
         pytest.fail(f"reponotify {' '.join(args)} did not finish within {timeout}s")
@@ -91,7 +92,7 @@ async def standalone_process(tmp_path: pathlib.Path, port: int, target_url: str,
             process.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(process.wait(), 20)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 process.kill()
                 await process.wait()
 
@@ -113,9 +114,8 @@ async def wait_until_listening(process: asyncio.subprocess.Process, port: int, l
 
 
 async def post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, json=body, headers=headers) as response:
-            return response.status, await response.json()
+    async with aiohttp.ClientSession() as session, session.post(url, json=body, headers=headers) as response:
+        return response.status, await response.json()
 
 
 async def test_standalone_is_configured_by_environment_variables(http_target, tmp_path: pathlib.Path,
@@ -128,9 +128,9 @@ async def test_standalone_is_configured_by_environment_variables(http_target, tm
         assert await post(url, payload, {'Authorization': 'Bearer wrong'}) == (401, {'error': UNAUTHORIZED})
         status, body = await post(url, payload, {'Authorization': f'Bearer {TOKEN}'})
         assert (status, body['matched']) == (202, 1)
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f'http://127.0.0.1:{port}/v1/notifications') as response:
-                listing = await response.json()
+        async with aiohttp.ClientSession() as session, \
+                session.get(f'http://127.0.0.1:{port}/v1/notifications') as response:
+            listing = await response.json()
         assert [(item['namespace'], item['name']) for item in listing['items']] == [('demo', 'to-ci')]
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 20) == 0  # SIGTERM stops it gracefully
@@ -199,13 +199,35 @@ async def test_crd_output_is_the_checked_in_file() -> None:
     assert stdout == checked_in, "crds/repositorynotifications.yaml drifted: regenerate it with `reponotify crd`"
 
 
-async def test_demo_runs_end_to_end() -> None:
-    with socket.socket() as probe:
+@contextlib.asynccontextmanager
+async def demo_port_lock(timeout: float = 120) -> AsyncIterator[None]:
+    """The demo binds the fixed port 9911: test runs sharing this machine take turns."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    path = pathlib.Path(tempfile.gettempdir()) / 'reponotify-demo-9911.lock'
+    with await asyncio.to_thread(path.open, 'w') as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if loop.time() > deadline:
+                    pytest.fail("another test run kept the demo's port lock")
+                await asyncio.sleep(0.1)
         try:
-            probe.bind(('127.0.0.1', 9911))
-        except OSError:
-            pytest.fail("127.0.0.1:9911 is in use; the demo needs it")
-    code, stdout, stderr = await run('demo', timeout=60)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+async def test_demo_runs_end_to_end() -> None:
+    async with demo_port_lock():
+        with socket.socket() as probe:
+            try:
+                probe.bind(('127.0.0.1', 9911))
+            except OSError:
+                pytest.fail("127.0.0.1:9911 is in use by something else; the demo needs it")
+        code, stdout, stderr = await run('demo', timeout=60)
     assert code == 0, stderr
     output = stdout.decode()
     rows = {line.split()[0]: line.split() for line in output.split('Notification status:', 1)[1].splitlines()[2:]

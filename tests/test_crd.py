@@ -7,6 +7,7 @@ The API server's schema checks are reproduced with jsonschema: ``x-kubernetes-in
 becomes ``anyOf: [integer, string]``, and each ``x-kubernetes-validations`` rule (CEL) is
 checked through its Python equivalent below (a new rule without one fails the test).
 """
+import base64
 import copy
 import pathlib
 from collections.abc import Callable, Iterator
@@ -15,8 +16,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-
 from reponotify.crd import crd_manifest, crd_yaml
+from reponotify.events import EVENT_NAMES
+from reponotify.models import MethodName
 from reponotify.notifications import InvalidSpec, NotificationKey, compile_notification
 from reponotify.standalone import ManifestSecrets, load_manifests
 
@@ -91,14 +93,14 @@ def notifications_in(path: pathlib.Path) -> list[dict[str, Any]]:
             if isinstance(doc, dict) and doc.get('kind') == 'RepositoryNotification']
 
 
-EXAMPLES = sorted(ROOT.glob('examples/*.yaml'))
+EXAMPLES = sorted(ROOT.glob('examples/**/*.yaml'))
 
 
 def test_there_are_examples_to_check() -> None:
     assert sum(len(notifications_in(path)) for path in EXAMPLES) >= 7
 
 
-@pytest.mark.parametrize('path', EXAMPLES, ids=lambda path: path.name)
+@pytest.mark.parametrize('path', EXAMPLES, ids=lambda path: str(path.relative_to(ROOT / 'examples')))
 def test_examples_are_valid_against_the_schema(path: pathlib.Path) -> None:
     for document in notifications_in(path):
         assert schema_errors(document) == [], document['metadata']['name']
@@ -110,6 +112,37 @@ async def test_examples_compile_with_their_secrets() -> None:
     assert manifests.notifications
     for key, resource in manifests.notifications.items():
         notification = await compile_notification(key, resource['spec'], secrets)
+        assert notification.key == key
+
+
+class ReferenceSecrets:
+    """Plausible Secret values for the reference examples (their Secrets live in the user's cluster)."""
+
+    def __init__(self) -> None:
+        import trustme
+        authority = trustme.CA()
+        client = authority.issue_cert('reponotify.example.com')
+        self.values = {
+            'url': 'https://hooks.example.com/services/T0/B0/token',
+            'signing-secret': 'whsec_' + base64.b64encode(b'0123456789abcdef0123456789abcdef').decode(),
+            'ca.crt': authority.cert_pem.bytes().decode(),
+            'tls.crt': client.cert_chain_pems[0].bytes().decode(),
+            'tls.key': client.private_key_pem.bytes().decode(),
+            'token': 'abcDEF0123456789',
+        }
+
+    async def read(self, namespace: str, name: str, key: str) -> str:
+        return self.values[key]
+
+
+async def test_reference_examples_compile_for_the_operator() -> None:
+    secrets = ReferenceSecrets()
+    documents = [doc for path in sorted(ROOT.glob('examples/reference/*.yaml')) for doc in notifications_in(path)]
+    assert {doc['spec']['event'] for doc in documents} == set(EVENT_NAMES)  # every event has an example
+    assert {doc['spec']['method'] for doc in documents} == {method.value for method in MethodName}  # and every method
+    for doc in documents:
+        key = NotificationKey(doc['metadata']['namespace'], doc['metadata']['name'])
+        notification = await compile_notification(key, doc['spec'], secrets)
         assert notification.key == key
 
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from conftest import Reply
-
 from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import Engine, EngineSettings
 from reponotify.events import sample_payload

@@ -6,9 +6,14 @@ import copy
 from typing import Any
 
 import pytest
-
 from reponotify.events import Event, new_event, sample_payload
-from reponotify.notifications import InvalidSpec, NotificationKey, compile_filter, compile_notification, parse_spec
+from reponotify.notifications import (
+    InvalidSpec,
+    NotificationKey,
+    compile_filter,
+    compile_notification,
+    parse_spec,
+)
 from reponotify.routing import RoutingTable
 from reponotify.standalone import ManifestSecrets
 

@@ -35,7 +35,7 @@ from reponotify.notifications import NotificationKey
 NS = 'ns1'
 TIMEOUT = 10.0
 RFC3339 = re.compile(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$')
-DIFFBASE = f'{GROUP}/last-handled-configuration'
+DIFFBASE = f'kopf.{GROUP}/last-handled-configuration'
 
 
 def free_port() -> int:
@@ -98,6 +98,11 @@ class Cluster:
     async def create_namespace(self, name: str) -> None:
         await self._call('POST', '/api/v1/namespaces', {'apiVersion': 'v1', 'kind': 'Namespace',
                                                         'metadata': {'name': name}})
+
+    async def annotate(self, name: str, annotations: dict[str, str | None]) -> dict[str, Any]:
+        return await self._call('PATCH', f'/apis/{API_VERSION}/namespaces/{NS}/{PLURAL}/{name}',
+                                {'metadata': {'annotations': annotations}},
+                                content_type='application/merge-patch+json')
 
     async def annotate_namespace(self, name: str, annotations: dict[str, str | None]) -> None:
         await self._call('PATCH', f'/api/v1/namespaces/{name}', {'metadata': {'annotations': annotations}},
@@ -213,7 +218,8 @@ async def start_operator(cluster: Cluster, tmp_path: pathlib.Path) -> AsyncItera
     running: list[tuple[Operator, concurrent.futures.ThreadPoolExecutor]] = []
 
     async def start(*, status_interval: float = 0.1, retry_schedule: tuple[float, ...] = (0.05, 0.05, 0.05, 0.05),
-                    secret_retry_delay: float = 0.5, repository_policy: str = 'allow') -> Operator:
+                    secret_retry_delay: float = 0.5, repository_policy: str = 'allow', warning_interval: float = 60.0,
+                    namespaces: list[str] | None = None) -> Operator:
         port = free_port()
         settings = Settings(
             receiver=ReceiverSettings(host='127.0.0.1', port=port),
@@ -221,12 +227,13 @@ async def start_operator(cluster: Cluster, tmp_path: pathlib.Path) -> AsyncItera
                                   status_interval=status_interval),
             state_dir=tmp_path, shutdown_grace=1.0)
         options = OperatorSettings(common=settings, kube_api_url=cluster.url, secret_retry_delay=secret_retry_delay,
-                                   repository_policy=repository_policy)
+                                   repository_policy=repository_policy, warning_interval=warning_interval)
         engine = Engine(settings.engine, outbox_path=settings.state_dir / 'outbox.sqlite3')
         stop_flag, ready_flag = threading.Event(), threading.Event()  # kopf takes threading flags too
 
         def main() -> None:
-            asyncio.run(run_operator(options, namespaces=[NS], stop_flag=stop_flag,  # type: ignore[arg-type]
+            asyncio.run(run_operator(options, namespaces=[NS] if namespaces is None else namespaces,
+                                     stop_flag=stop_flag,  # type: ignore[arg-type]
                                      ready_flag=ready_flag, engine=engine))  # type: ignore[arg-type]
 
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='operator')
@@ -525,8 +532,9 @@ async def test_ready_transitions_post_kubernetes_events(cluster, start_operator,
 
     assert (await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web')))['matched'] == 1
     await cluster.wait_ready('noisy', 'False', 'Disabled', generation=1)
-    accepted, disabled = await eventually(lambda: len(cluster.events('noisy')) == 2 and cluster.events('noisy'),
-                                          "the Disabled Event")
+    def transitions() -> list[dict[str, Any]]:  # the failed deliveries' own Warnings: see test_events_and_logs
+        return [event for event in cluster.events('noisy') if not event['reason'].startswith('Delivery')]
+    accepted, disabled = await eventually(lambda: len(transitions()) == 2 and transitions(), "the Disabled Event")
 
     for event, type_, reason, message in [
         (accepted, 'Normal', 'Accepted', 'Routing repo_push events of acme/web to webhook'),
@@ -607,7 +615,7 @@ async def test_status_writes_are_coalesced_and_do_not_retrigger_handlers(cluster
     patch = json.loads(body_patch.body)
     assert list(patch) == ['metadata'] and list(patch['metadata']) == ['annotations'], patch
     assert DIFFBASE in patch['metadata']['annotations']
-    assert all(key.startswith(f'{GROUP}/') for key in patch['metadata']['annotations']), patch
+    assert all(key.startswith(f'kopf.{GROUP}/') for key in patch['metadata']['annotations']), patch
     history = [version for version in cluster.kube.objects[RN, NS, 'busy'].history if version is not None]
     diffbases = {(version.raw.get('metadata', {}).get('annotations') or {}).get(DIFFBASE) for version in history}
     assert len(diffbases - {None}) == 1  # stored once, for the creation
@@ -668,3 +676,57 @@ async def test_emulator_versions_objects_as_an_api_server_does(cluster):
     assert versions == sorted(set(versions))  # a new resourceVersion on every change
     assert answer['metadata']['uid'] == meta['uid']
     assert answer['metadata']['creationTimestamp'] == meta['creationTimestamp']
+
+
+async def test_test_annotation_sends_the_sample_once_per_value(cluster, start_operator, http_target):
+    operator = await start_operator()
+    await cluster.create('hook', webhook_spec(f'{http_target.url}/hook'))
+    await cluster.wait_ready('hook', 'True', 'Accepted', 1)
+
+    await cluster.annotate('hook', {'reponotify.dev/test': 'first'})
+    [request] = await http_target.wait_for(1, '/hook')
+    assert request.json() == sample_payload('repo_push', 'acme/web')  # the sample, aimed at the repository
+    status = await cluster.wait_status('hook', lambda s: (s.get('lastTest') or {}).get('outcome') == 'Succeeded',
+                                       "the test's outcome")
+    assert status['lastTest']['value'] == 'first'
+    assert status['lastTest']['eventId'] == status['lastDelivery']['eventId']
+    assert [event['reason'] for event in cluster.events('hook')][-1] == 'TestRequested'
+
+    await cluster.annotate('hook', {'reponotify.dev/other': 'unrelated'})  # the same test value: nothing sent
+    await cluster.annotate('hook', {'reponotify.dev/test': 'second'})
+    await http_target.wait_for(2, '/hook')
+    await cluster.wait_status('hook', lambda s: s['lastTest']['value'] == 'second'
+                              and s['lastTest']['outcome'] == 'Succeeded', "the second test")
+    assert len(http_target.on('/hook')) == 2
+    assert operator.routed('hook')
+
+
+async def test_test_annotation_honours_filters_as_quay_does(cluster, start_operator, http_target):
+    await start_operator()
+    spec = {'repository': 'acme/web', 'event': 'build_start', 'eventConfig': {'refRegex': 'refs/heads/release-'},
+            'method': 'webhook', 'config': {'url': f'{http_target.url}/hook'}}
+    await cluster.create('builds', spec)
+    await cluster.wait_ready('builds', 'True', 'Accepted', 1)
+    await cluster.annotate('builds', {'reponotify.dev/test': 'try'})
+    status = await cluster.wait_status('builds', lambda s: 'lastTest' in s, "the test's outcome")
+    assert status['lastTest']['outcome'] == 'Filtered'
+    assert status['lastTest']['message'] == ("Not sent: the sample event does not pass spec.eventConfig "
+                                             "(filters apply to tests, as in Quay)")
+    assert http_target.requests == []
+
+
+async def test_reset_annotation_re_enables_a_disabled_notification(cluster, start_operator, http_target):
+    operator = await start_operator()
+    http_target.script('/hook', Reply(status=500), Reply(status=500), Reply(status=500), Reply())
+    await cluster.create('hook', webhook_spec(f'{http_target.url}/hook'))
+    await cluster.wait_ready('hook', 'True', 'Accepted', 1)
+    await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web'))
+    await cluster.wait_status('hook', lambda s: ready(s)[1] == 'Disabled', "Disabled after 3 failures")
+
+    await cluster.annotate('hook', {'reponotify.dev/reset': '1'})
+    status = await cluster.wait_status('hook', lambda s: ready(s)[1] == 'Accepted', "re-enabled")
+    assert status['numberOfFailures'] == 0
+    assert 'Reset' in [event['reason'] for event in cluster.events('hook')]
+    await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web'))
+    await http_target.wait_for(4, '/hook')  # delivered again after the reset
+    await cluster.wait_status('hook', lambda s: s['deliveries']['succeeded'] == 1, "the delivery after reset")

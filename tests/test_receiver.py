@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient, TestServer
-
 from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import Engine, EngineSettings
 from reponotify.events import EVENT_NAMES, sample_payload

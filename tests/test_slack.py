@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import pytest
-
 from reponotify.events import new_event, sample_payload
 from reponotify.methods.slack import html_to_mrkdwn, slack_body
 from reponotify.notifications import InvalidSpec, NotificationKey, compile_notification

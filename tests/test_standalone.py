@@ -13,12 +13,16 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import Reply
-
 from reponotify.config import ReceiverSettings, Settings
 from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import EngineSettings
 from reponotify.events import sample_payload
-from reponotify.standalone import STATUS_FILE, ManifestError, load_manifests, run_standalone
+from reponotify.standalone import (
+    STATUS_FILE,
+    ManifestError,
+    load_manifests,
+    run_standalone,
+)
 
 FAST = (0.01, 0.01, 0.01, 0.01)
 UNAUTHORIZED = "missing or wrong credentials (Authorization: Bearer <token>, or X-Signature: sha256=<hmac>)"
@@ -79,15 +83,13 @@ def notification(name: str, event: str, method: str, config: str, extra: str = '
 
 
 async def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url, headers=headers) as response:
-            return response.status, await response.json()
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+        return response.status, await response.json()
 
 
 async def post_json(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, json=body, headers=headers) as response:
-            return response.status, await response.json()
+    async with aiohttp.ClientSession() as session, session.post(url, json=body, headers=headers) as response:
+        return response.status, await response.json()
 
 
 def by_name(listing: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -254,9 +256,7 @@ async def test_invalid_yaml_is_a_manifest_error_naming_the_file(folder: pathlib.
     ("apiVersion: reponotify.dev/v1alpha1\nkind: RepositoryNotification\nmetadata: {namespace: demo}\nspec: {}\n",
      "a RepositoryNotification has no metadata.name"),
     ("apiVersion: reponotify.dev/v1alpha1\nkind: RepositoryNotification\nmetadata: {name: n, namespace: demo}\n"
-     "spec: {}\n---\n"
-     "apiVersion: reponotify.dev/v1alpha1\nkind: RepositoryNotification\nmetadata: {name: n, namespace: demo}\n"
-     "spec: {}\n",
+     "spec: {}\n---\n" * 2,
      "RepositoryNotification demo/n is defined twice"),
     ("apiVersion: v1\nkind: Secret\nmetadata: {name: s, namespace: demo}\ndata: {url: 'not base64!'}\n",
      "Secret s key 'url' is not base64"),

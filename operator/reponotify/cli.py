@@ -11,7 +11,6 @@ Every option also reads ``REPONOTIFY_<OPTION>`` (``--state-dir`` and
 """
 import asyncio
 import json
-import logging
 import pathlib
 import sys
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from reponotify.dispatcher import DispatcherSettings, parse_schedule
 from reponotify.email_verification import DEFAULT_HOLD_MAX_AGE, VerificationSettings
 from reponotify.engine import EngineSettings
 from reponotify.events import EVENT_NAMES, sample_payload
+from reponotify.logs import LOG_FORMATS, configure_logging
 from reponotify.methods.base import MethodSettings, SmtpSettings
 from reponotify.sources import SOURCE_NAMES
 from reponotify.sources.common import check_homepage_template, clean_host
@@ -173,6 +173,8 @@ def common_options(function: F) -> F:
                     "them, such as an ingress checking a client certificate (repeatable)."),
         option('--log-level', type=click.Choice(['debug', 'info', 'warning', 'error']), default='info',
                show_default=True, help="Logging verbosity."),
+        option('--log-format', type=click.Choice(LOG_FORMATS), default='text', show_default=True,
+               help="Log lines as text, or as JSON objects (timestamp, level, logger, message, fields)."),
     ]
     for decorator in reversed(decorators):
         function = decorator(function)
@@ -234,9 +236,8 @@ def build_settings(host: str, port: int, token_file: pathlib.Path | None, token:
     )
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format='%(asctime)s %(levelname)-7s %(name)s: %(message)s')
-    logging.getLogger('aiohttp.access').setLevel(logging.WARNING)
+def _configure_logging(level: str, log_format: str = 'text') -> None:
+    configure_logging(level, log_format)
 
 
 @click.group(context_settings={'help_option_names': ['-h', '--help'], 'max_content_width': 110})
@@ -255,14 +256,18 @@ def main() -> None:
 @option('--repository-policy', type=click.Choice(['allow', 'deny']), default='allow', show_default=True,
         help="Tenancy: which repositories a namespace without the reponotify.dev/allowed-repositories "
              "annotation may subscribe to: all (allow) or none (deny).")
+@option('--warning-event-interval', type=click.FloatRange(0, 86400), default=60.0, show_default=True,
+        help="At most one Warning Event about failed deliveries per notification per this many seconds "
+             "(the next one counts those in between).")
 def operator(namespaces: tuple[str, ...], liveness: str, kube_api_url: str | None, repository_policy: str,
-             log_level: str, **kwargs: Any) -> None:
+             warning_event_interval: float, log_level: str, log_format: str, **kwargs: Any) -> None:
     """Run the Kubernetes operator and the receiver."""
     from reponotify.kube.handlers import OperatorSettings, run_operator
 
-    _configure_logging(log_level)
+    _configure_logging(log_level, log_format)
     settings = build_settings(**kwargs)
-    options = OperatorSettings(common=settings, kube_api_url=kube_api_url, repository_policy=repository_policy)
+    options = OperatorSettings(common=settings, kube_api_url=kube_api_url, repository_policy=repository_policy,
+                               warning_interval=warning_event_interval)
     asyncio.run(run_operator(options, namespaces=list(namespaces), liveness_endpoint=liveness or None))
 
 
@@ -270,11 +275,11 @@ def operator(namespaces: tuple[str, ...], liveness: str, kube_api_url: str | Non
 @common_options
 @option('--manifests', type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path), required=True,
         help="Folder of RepositoryNotification (and Secret) YAML files.")
-def standalone(manifests: pathlib.Path, log_level: str, **kwargs: Any) -> None:
+def standalone(manifests: pathlib.Path, log_level: str, log_format: str, **kwargs: Any) -> None:
     """Run the receiver and deliveries from a folder of YAML, without a cluster."""
     from reponotify.standalone import ManifestError, run_standalone
 
-    _configure_logging(log_level)
+    _configure_logging(log_level, log_format)
     try:
         asyncio.run(run_standalone(build_settings(**kwargs), manifests))
     except ManifestError as exc:

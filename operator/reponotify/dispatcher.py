@@ -24,6 +24,7 @@ import aiohttp
 from reponotify.methods import AttemptResult, DeliveryContext
 from reponotify.inbox import Inbox
 from reponotify.methods.base import DEFAULT_TIMEOUT, Announce, MethodSettings
+from reponotify.metrics import Metrics
 from reponotify.models import DeliveryOutcome
 from reponotify.notifications import Notification
 from reponotify.outbox import Outbox, PendingDelivery
@@ -89,6 +90,7 @@ class Dispatcher:
         self._inbox = inbox
         self.announce: Announce | None = None  # set by the operator front end
         self.gate: DeliveryGate | None = None  # set by the engine (e-mail verification)
+        self.metrics: Metrics | None = None  # set by the engine
         self._outbox = outbox
         self._routing = routing
         self._book = book
@@ -204,7 +206,10 @@ class Dispatcher:
             inbox=self._inbox, announce=self.announce)
         started = time.monotonic()
         result = await notification.method.deliver(notification.target, delivery.event, context)
-        return result, int((time.monotonic() - started) * 1000)
+        elapsed = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.attempted(notification.method.name, elapsed)
+        return result, int(elapsed * 1000)
 
     def _delay(self, attempts: int, retry_after: float | None) -> float:
         schedule = self._settings.retry_schedule or (0.0,)
@@ -218,3 +223,17 @@ class Dispatcher:
             event_id=delivery.event.id, event=delivery.event.kind, outcome=outcome,
             attempts=delivery.attempts, message=message, code=result.code if result else None,
             duration_ms=duration_ms))
+        notification = self._routing.get(delivery.key)  # always routed here: process() checked it
+        method = notification.method.name if notification is not None else 'unknown'
+        if self.metrics is not None:
+            self.metrics.outcome(method, outcome, delivery.event.received_at)
+        # Messages name the target's answer, never its URL or credentials (see methods.base.post_json).
+        logger.log(_LOG_LEVELS[outcome], "Delivery %s of %s event %s to %s: %s: %s", delivery.id,
+                   delivery.event.kind, delivery.event.id, delivery.key, outcome.value, message,
+                   extra={'notification': str(delivery.key), 'method': method, 'event_id': delivery.event.id,
+                          'event': delivery.event.kind, 'delivery_id': delivery.id, 'outcome': outcome.value,
+                          'attempts': delivery.attempts, 'code': result.code if result else None})
+
+
+_LOG_LEVELS = {DeliveryOutcome.SUCCEEDED: logging.DEBUG, DeliveryOutcome.RETRYING: logging.INFO,
+               DeliveryOutcome.DROPPED: logging.INFO, DeliveryOutcome.FAILED: logging.WARNING}

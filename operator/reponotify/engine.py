@@ -18,6 +18,7 @@ from reponotify.dispatcher import Dispatcher, DispatcherSettings
 from reponotify.email_verification import EmailVerification, VerificationSettings, verification_page
 from reponotify.events import PRIORITIES, Event, new_event, sample_payload
 from reponotify.inbox import Inbox
+from reponotify.metrics import Metrics
 from reponotify.models import priority_level
 from reponotify.notifications import Notification, NotificationKey
 from reponotify.outbox import Accepted, Outbox, OutboxError
@@ -71,6 +72,9 @@ class Engine:
         self.outbox = Outbox(outbox_path, idempotency_window=settings.idempotency_window)
         self.inbox = Inbox()
         self.dispatcher = Dispatcher(self.outbox, self.routing, self.book, settings.dispatcher, inbox=self.inbox)
+        self.metrics = Metrics(pending=lambda: len(self.outbox), oldest_due=self.outbox.oldest_due,
+                               states=self.book.ready_reasons)  # served on GET /metrics by the receiver
+        self.dispatcher.metrics = self.metrics
         self.verification: EmailVerification | None = None
         if settings.verification.enabled:
             if state_dir is None and str(outbox_path) != ':memory:':
@@ -149,11 +153,14 @@ class Engine:
     # -- events ----------------------------------------------------------------------------------
 
     async def ingest(self, kind: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None,
-                     claims: Sequence[str] = ()) -> Accepted:
+                     claims: Sequence[str] = (), source: str = 'quay') -> Accepted:
         """Route an event and durably queue one delivery per matching notification (claims: Outbox.accept)."""
         event = new_event(kind, payload)
         keys = [notification.key for notification in self.routing.match(event)]
-        return await self.outbox.accept(event, keys, idempotency_key, claims)
+        accepted = await self.outbox.accept(event, keys, idempotency_key, claims)
+        if not accepted.replayed and not accepted.taken:
+            self.metrics.received(source, kind)  # source: the adapter it came through (metrics.SOURCES)
+        return accepted
 
     async def send_test(self, key: NotificationKey, value: str) -> None:
         """
@@ -175,6 +182,7 @@ class Engine:
             return
         self.book.start_test(key, value, event.id, 'Queued', "Sample event queued")
         await self.enqueue(event, only=key)
+        self.metrics.received('test', event.kind)
 
     def reset(self, key: NotificationKey) -> None:
         """Zero the failure count and re-enable a disabled notification."""

@@ -18,7 +18,7 @@ precise JSON error and changes nothing:
 Also ``GET /v1/inbox?kind=&name=`` (the quay_notification inbox),
 ``GET /v1/verify/<token>`` (the link of an e-mail verification mail: an HTML
 page, 200, or 410 for a used or expired link, 404 for an unknown one),
-``GET /healthz`` and ``GET /readyz``; front ends may add routes (the
+``GET /healthz``, ``GET /readyz`` and ``GET /metrics`` (Prometheus); front ends may add routes (the
 standalone mode adds ``/v1/notifications`` and its test and reset buttons).
 """
 import asyncio
@@ -86,8 +86,41 @@ STATE: web.AppKey[ReceiverState] = web.AppKey('state', ReceiverState)
 READ_TIMEOUT: web.AppKey[float] = web.AppKey('read_timeout', float)
 
 
-def error(status: int, message: str) -> web.Response:
+class Rejection(web.Response):
+    """A JSON error refusing an event, with the reason it is counted under (metrics.REJECTION_REASONS)."""
+
+    def __init__(self, reason: str, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(text=json.dumps({'error': message}), status=status, content_type='application/json',
+                         headers=headers)
+        self.rejection = reason
+
+
+def error(status: int, message: str, reason: str | None = None) -> web.Response:
+    """A JSON error; with a ``reason``, it counts as a rejected event."""
+    if reason is not None:
+        return Rejection(reason, status, message)
     return web.json_response({'error': message}, status=status)
+
+
+def shutting_down() -> web.Response:
+    return Rejection('shutting_down', 503, "shutting down: not accepting events; retry shortly",
+                     headers={'Retry-After': '5'})
+
+
+@web.middleware
+async def count_rejections(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Count every refused event request by its reason (reponotify_events_rejected_total)."""
+    response = await handler(request)
+    if isinstance(response, Rejection):
+        request.app[ENGINE].metrics.rejected(response.rejection)
+    return response
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics (text format, or OpenMetrics when the scraper asks for it)."""
+    body, content_type = request.app[ENGINE].metrics.exposition(request.headers.get('Accept'))
+    return web.Response(body=body, headers={'Content-Type': content_type})
 
 
 @web.middleware
@@ -104,7 +137,8 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
             405: f"method {request.method} is not allowed on {request.path}",
             413: f"request body is larger than {MAX_BODY_BYTES} bytes",
         }
-        return error(exc.status, messages.get(exc.status, exc.reason))
+        return error(exc.status, messages.get(exc.status, exc.reason),
+                     'too_large' if exc.status == 413 else None)  # only bodies read raise 413: events'
 
 
 def authorized(request: web.Request, body: bytes = b'') -> bool:
@@ -116,41 +150,40 @@ def authorized(request: web.Request, body: bytes = b'') -> bool:
 async def read_body(request: web.Request) -> bytes | web.Response:
     """The whole body, or the error response: 413 past the limit, 408 when it trickles in too slowly."""
     if (request.content_length or 0) > MAX_BODY_BYTES:
-        return error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        return error(413, f"request body is larger than {MAX_BODY_BYTES} bytes", 'too_large')
     try:
         async with asyncio.timeout(request.app[READ_TIMEOUT]):
             return await request.read()  # aiohttp raises 413 past client_max_size without Content-Length
     except TimeoutError:
-        return error(408, f"request body not received within {request.app[READ_TIMEOUT]:g}s")
+        return error(408, f"request body not received within {request.app[READ_TIMEOUT]:g}s", 'timeout')
 
 
 async def post_event(request: web.Request) -> web.Response:
     if not request.app[STATE].accepting:
-        return web.json_response({'error': "shutting down: not accepting events; retry shortly"}, status=503,
-                                 headers={'Retry-After': '5'})
+        return shutting_down()
     auth = request.app[AUTH]
     if auth.required and not auth.hmac_secret and not auth.bearer_ok(request):
-        return error(401, UNAUTHORIZED)  # no need to read the body of a request that cannot be right
+        return error(401, UNAUTHORIZED, 'unauthorized')  # no need to read the body of a request that cannot be right
     kind = request.match_info['event']
     if kind not in EVENT_KINDS:
-        return error(404, f"unknown event {kind!r}; known events: {', '.join(EVENT_NAMES)}")
+        return error(404, f"unknown event {kind!r}; known events: {', '.join(EVENT_NAMES)}", 'unknown_event')
     idempotency_key = request.headers.get('Idempotency-Key')
     if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
-        return error(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        return error(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", 'bad_idempotency_key')
 
     body = await read_body(request)
     if isinstance(body, web.Response):
         return body
     if not authorized(request, body):
-        return error(401, UNAUTHORIZED)
+        return error(401, UNAUTHORIZED, 'unauthorized')
     try:
         payload = json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         return error(400, f"body is not valid JSON: {exc}" if isinstance(exc, ValueError)
-                     else "body is not valid JSON: nested too deeply")
+                     else "body is not valid JSON: nested too deeply", 'malformed_json')
     problem = payload_problem(payload)
     if problem:
-        return error(422, problem)
+        return error(422, problem, 'invalid_payload')
 
     accepted = await request.app[ENGINE].ingest(kind, payload, idempotency_key=idempotency_key)
     headers = {'Idempotent-Replayed': 'true'} if accepted.replayed else None
@@ -201,7 +234,7 @@ async def verify_address(request: web.Request) -> web.Response:
 def make_app(engine: Engine, *, token: str | None = None, hmac_secret: str | None = None,
              read_timeout: float = DEFAULT_READ_TIMEOUT) -> web.Application:
     """The receiver application; the caller runs it (see :func:`serve`)."""
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[count_rejections, json_errors], client_max_size=MAX_BODY_BYTES)
     app[ENGINE] = engine
     app[AUTH] = Auth(token=token or None, hmac_secret=hmac_secret or None)
     app[STATE] = ReceiverState()
@@ -211,6 +244,7 @@ def make_app(engine: Engine, *, token: str | None = None, hmac_secret: str | Non
     app.router.add_get('/v1/inbox', get_inbox)
     app.router.add_get('/healthz', healthz)
     app.router.add_get('/readyz', healthz)
+    app.router.add_get('/metrics', get_metrics)
     # No token: the link comes from a mail. No HEAD: a link checker's HEAD must not use the link up.
     app.router.add_get(VERIFY_PATH + '{token}', verify_address, allow_head=False)
     return app

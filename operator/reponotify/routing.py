@@ -7,10 +7,13 @@ characters inside one path component: it never crosses a ``/``, so ``acme/*``
 matches ``acme/web`` but not ``acme/team/web`` (write ``acme/*/*`` for that).
 
 Exact notifications are found with one dict access whatever their number.
-Glob notifications are kept apart, per event kind, and each is checked against
-the event's repository (a precompiled regular expression each); there are
-normally few of them. The filters (refRegex, level, days) then run only on the
-notifications found.
+Glob notifications are kept apart, per event kind and per literal first path
+component: since ``*`` never crosses a ``/``, ``acme/*`` can only match
+repositories in ``acme``, so it is checked (a precompiled regular expression)
+only against those; a glob whose first component has a ``*`` (``*/web``) is
+checked against every repository. Routing therefore costs the same with 100
+or 100,000 notifications, as long as each organization has few globs. The
+filters (refRegex, level, days) then run only on the notifications found.
 
 Precedence: there is none. An event goes to *every* notification that matches
 it, exact or glob, each exactly once: an exact ``acme/web`` notification and an
@@ -29,6 +32,7 @@ from reponotify.models import is_glob
 from reponotify.notifications import Notification, NotificationKey
 
 Route = tuple[str, str]  # (repository, event kind)
+GlobBucket = tuple[str, str | None]  # (event kind, the glob's literal first path component, or None)
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -36,12 +40,18 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile('[^/]*'.join(re.escape(part) for part in pattern.split('*')))
 
 
+def glob_bucket(pattern: str, kind: str) -> GlobBucket:
+    """Where a glob is kept: with its literal first path component, if it has one (``acme/*``: ``acme``)."""
+    first = pattern.split('/', 1)[0]
+    return kind, (None if '*' in first else first)
+
+
 class RoutingTable:
-    """Compiled notifications indexed by route (exact repositories), by event kind (globs) and by key."""
+    """Compiled notifications indexed by route (exact repositories), by glob bucket and by key."""
 
     def __init__(self) -> None:
         self._by_route: dict[Route, dict[NotificationKey, Notification]] = {}
-        self._globs: dict[str, dict[NotificationKey, tuple[re.Pattern[str], Notification]]] = {}
+        self._globs: dict[GlobBucket, dict[NotificationKey, tuple[re.Pattern[str], Notification]]] = {}
         self._by_key: dict[NotificationKey, Notification] = {}
 
     def __len__(self) -> int:
@@ -55,7 +65,8 @@ class RoutingTable:
         self.remove(notification.key)
         if is_glob(notification.repository):
             entry = (glob_regex(notification.repository), notification)
-            self._globs.setdefault(notification.event, {})[notification.key] = entry
+            bucket = glob_bucket(notification.repository, notification.event)
+            self._globs.setdefault(bucket, {})[notification.key] = entry
         else:
             route = (notification.repository, notification.event)
             self._by_route.setdefault(route, {})[notification.key] = notification
@@ -66,10 +77,11 @@ class RoutingTable:
         if old is None:
             return
         if is_glob(old.repository):
-            globs = self._globs[old.event]
+            bucket = glob_bucket(old.repository, old.event)
+            globs = self._globs[bucket]
             del globs[key]
             if not globs:
-                del self._globs[old.event]
+                del self._globs[bucket]
         else:
             route = (old.repository, old.event)
             entries = self._by_route[route]
@@ -80,9 +92,12 @@ class RoutingTable:
     def candidates(self, repository: str, kind: str) -> list[Notification]:
         """The notifications on a route, exact ones first, then matching globs; before filters."""
         found = list(self._by_route.get((repository, kind), {}).values())
-        globs = self._globs.get(kind)
-        if globs:
-            found.extend(notification for regex, notification in globs.values() if regex.fullmatch(repository))
+        if self._globs:
+            for bucket in ((kind, repository.split('/', 1)[0]), (kind, None)):
+                globs = self._globs.get(bucket)
+                if globs:
+                    found.extend(notification for regex, notification in globs.values()
+                                 if regex.fullmatch(repository))
         return found
 
     def match(self, event: Event) -> list[Notification]:

@@ -76,6 +76,8 @@ class _Entry:
 
 
 TransitionListener = Callable[[NotificationKey, ReadyCondition | None, ReadyCondition], None]
+# Told every delivery outcome as it is recorded (Retrying ones included): the operator's Warning Events.
+DeliveryListener = Callable[[NotificationKey, DeliveryRecord], None]
 
 
 class StatusBook:
@@ -86,6 +88,7 @@ class StatusBook:
         self._dirty: set[NotificationKey] = set()
         self._changed = asyncio.Event()
         self.on_transition = on_transition
+        self.on_delivery: DeliveryListener | None = None
 
     # -- what the front end says ---------------------------------------------------------------
 
@@ -168,11 +171,17 @@ class StatusBook:
             entry.counters[counter] += 1
             entry.recent.appendleft(status)
         self._mark(key)
+        if self.on_delivery is not None:
+            self.on_delivery(key, record)
 
     # -- reading -------------------------------------------------------------------------------
 
     def keys(self) -> list[NotificationKey]:
         return sorted(self._entries)
+
+    def ready_reasons(self) -> collections.Counter[str]:
+        """How many notifications have each Ready reason (Accepted, Disabled, ...), for metrics."""
+        return collections.Counter((entry.ready or entry.spec_condition).reason for entry in self._entries.values())
 
     def status(self, key: NotificationKey) -> dict[str, Any]:
         """The status as the resource shows it (camelCase, as in the CRD)."""

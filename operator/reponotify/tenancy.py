@@ -10,7 +10,9 @@ cannot write: the namespace's annotation
 a comma-separated list of repositories or globs over "namespace/name" (``*``
 and ``?``; ``*`` also crosses ``/``). Without the annotation, the operator's
 ``--repository-policy`` decides: ``allow`` (every repository) or ``deny`` (none).
-An empty annotation allows nothing.
+An empty annotation allows nothing. A notification whose spec.repository is
+itself a glob (``acme/*``) is allowed only when one allowance pattern covers
+every repository the glob matches (see :func:`_covers`).
 """
 import dataclasses
 import fnmatch
@@ -30,6 +32,8 @@ class Allowance:
     def permits(self, repository: str) -> bool:
         if self.patterns is None:
             return self.default_allow
+        if '*' in repository:  # a glob notification (acme/*) subscribes to every repository it matches
+            return any(_covers(pattern, repository) for pattern in self.patterns)
         return any(_compiled(pattern).fullmatch(repository) for pattern in self.patterns)
 
     def explain(self, namespace: str, repository: str) -> str:
@@ -48,6 +52,19 @@ def allowance_from(annotations: Mapping[str, Any] | None, *, default_allow: bool
         return Allowance(patterns=None, default_allow=default_allow)
     patterns = tuple(part.strip() for part in str(value).split(',') if part.strip())
     return Allowance(patterns=patterns, default_allow=default_allow)
+
+
+def _covers(pattern: str, glob: str) -> bool:
+    """
+    Whether an allowance pattern covers every repository a glob notification matches.
+
+    Only patterns whose wildcards are all ``*`` are considered: then each ``*`` of the glob
+    (a literal ``*`` to the pattern) is matched by a ``*`` of the pattern, which takes any
+    text, so whatever the glob's ``*`` stands for still matches. A ``?`` or ``[...]`` of the
+    pattern could match the glob's ``*`` character itself ("acme/we?" would let "acme/we*"
+    through) and is never taken as covering a glob.
+    """
+    return '?' not in pattern and '[' not in pattern and _compiled(pattern).fullmatch(glob) is not None
 
 
 _CACHE: dict[str, re.Pattern[str]] = {}

@@ -76,8 +76,8 @@ class KubeClient:
             raise RuntimeError(f"status patch answered HTTP {code}")
 
     async def post_event(self, namespace: str, name: str, uid: str | None, *,
-                         type: str, reason: str, message: str) -> None:
-        """Post a core/v1 Event about a RepositoryNotification (as kubectl describe shows them)."""
+                         type: str, reason: str, message: str, count: int = 1) -> None:
+        """Post a core/v1 Event about a RepositoryNotification (``count``: the occurrences it stands for)."""
         now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
         event = {
             'apiVersion': 'v1',
@@ -89,7 +89,7 @@ class KubeClient:
             'type': type, 'reason': reason, 'message': message[:1024],
             'source': {'component': 'reponotify'},
             'reportingComponent': 'reponotify',
-            'firstTimestamp': now, 'lastTimestamp': now, 'count': 1,
+            'firstTimestamp': now, 'lastTimestamp': now, 'count': count,
         }
         code, _ = await self.request('POST', f'/api/v1/namespaces/{namespace}/events', json=event)
         if code >= 400:

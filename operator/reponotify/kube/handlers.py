@@ -13,6 +13,8 @@ spec, so they never trigger these handlers again.
 * deletion: unrouted at once (no finalizer: there is nothing outside to clean).
 * annotation ``reponotify.dev/test``: each new value sends the event's sample once.
 * annotation ``reponotify.dev/reset``: each new value re-enables a disabled notification.
+* failed deliveries: ``Warning`` Events, at most one per resource per ``warning_interval``
+  (:mod:`reponotify.kube.delivery_events`); Ready transitions: ``Normal``/``Warning`` Events.
 """
 import asyncio
 import base64
@@ -26,6 +28,8 @@ import kopf
 from reponotify.config import Settings
 from reponotify.engine import Engine
 from reponotify.kube.client import KubeClient
+from reponotify.kube.delivery_events import DEFAULT_INTERVAL, DeliveryWarnings
+from reponotify.logs import redact_kopf_bodies
 from reponotify.models import GROUP, PLURAL, VERSION
 from reponotify.notifications import (InvalidSpec, NotificationKey, RepositoryNotPermitted, SecretNotFound, SpecError,
                                       compile_notification)
@@ -37,6 +41,7 @@ from reponotify.tenancy import Allowance, allowance_from
 logger = logging.getLogger(__name__)
 
 SECRET_RETRY_DELAY = 30.0
+KOPF_PREFIX = f'kopf.{GROUP}'  # kopf's annotations: kopf.reponotify.dev/last-handled-configuration
 TEST_ANNOTATION = f'{GROUP}/test'  # "Test Notification": any new value sends the sample event once
 RESET_ANNOTATION = f'{GROUP}/reset'  # "Re-enable": any new value zeroes the failure count
 
@@ -48,6 +53,7 @@ class OperatorSettings:
     kube_api_url: str | None = None  # talk to this API server without credentials (development, tests)
     secret_retry_delay: float = SECRET_RETRY_DELAY  # seconds between checks for a missing Secret
     repository_policy: str = 'allow'  # without the namespace annotation: 'allow' or 'deny' (tenancy)
+    warning_interval: float = DEFAULT_INTERVAL  # seconds between Warning Events about failed deliveries, per resource
 
 
 class KubeSecrets:
@@ -82,6 +88,7 @@ class KubeStatusSink:
 def build_registry(options: OperatorSettings, engine: Engine | None = None) -> kopf.OperatorRegistry:
     """A registry with all of the operator's handlers, bound to one engine."""
     registry = kopf.OperatorRegistry()
+    redact_kopf_bodies()  # kopf's DEBUG logs would show whole resources, inline secret-bearing config included
     engine = engine or Engine(options.common.engine, outbox_path=options.common.state_dir / 'outbox.sqlite3')
     credentials: list[kopf.ConnectionInfo] = []
     client = KubeClient(lambda: credentials[-1] if credentials else None)
@@ -94,8 +101,9 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
     specs: dict[NotificationKey, tuple[dict[str, Any], int | None]] = {}  # to re-check on namespace changes
     allowances: dict[str, Allowance] = {}  # namespace -> what it may subscribe to (tenancy)
 
-    def post_event_later(key: NotificationKey, type: str, reason: str, message: str) -> None:
-        task = asyncio.get_running_loop().create_task(_post_event(client, key, uids.get(key), type, reason, message))
+    def post_event_later(key: NotificationKey, type: str, reason: str, message: str, count: int = 1) -> None:
+        task = asyncio.get_running_loop().create_task(
+            _post_event(client, key, uids.get(key), type, reason, message, count))
         background.add(task)
         task.add_done_callback(background.discard)
 
@@ -110,6 +118,9 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
                                 type='Normal', reason=reason, message=message)
 
     engine.book.on_transition = announce_transition
+    # Failed deliveries become Warning Events too, at most one per resource per warning_interval.
+    delivery_warnings = DeliveryWarnings(post_event_later, interval=options.warning_interval)
+    engine.book.on_delivery = delivery_warnings
     engine.dispatcher.announce = announce_delivery
 
     @kopf.on.login(registry=registry)
@@ -125,9 +136,11 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
 
     @kopf.on.startup(registry=registry)
     async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.finalizer = f'{GROUP}/finalizer'
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        # kopf's own bookkeeping under its own prefix: kopf leaves every annotation under that
+        # prefix out of what it compares, so sharing ours would hide the test and reset buttons.
+        settings.persistence.finalizer = f'{KOPF_PREFIX}/finalizer'
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=KOPF_PREFIX)
         settings.posting.enabled = False  # our own Events, about notifications, not handler logs
         try:
             await engine.start(KubeStatusSink(client))
@@ -141,6 +154,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
     async def stop(**_: Any) -> None:
         for app, runner in runners:
             await shut_down(app, runner, options.common.shutdown_grace)
+        delivery_warnings.close()
         await asyncio.gather(*background, return_exceptions=True)
         await client.close()
 
@@ -232,6 +246,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         if type == 'DELETED' or body.metadata.get('deletionTimestamp'):
             engine.remove_notification(key)
             engine.book.forget(key)
+            delivery_warnings.forget(key)
             uids.pop(key, None)
             specs.pop(key, None)
         elif body.metadata.get('uid'):
@@ -241,9 +256,9 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
 
 
 async def _post_event(client: KubeClient, key: NotificationKey, uid: str | None, type: str, reason: str,
-                      message: str) -> None:
+                      message: str, count: int = 1) -> None:
     try:
-        await client.post_event(key.namespace, key.name, uid, type=type, reason=reason, message=message)
+        await client.post_event(key.namespace, key.name, uid, type=type, reason=reason, message=message, count=count)
     except Exception as exc:  # Events are best effort: never fail a reconciliation for them
         logger.warning("Could not post an Event for %s: %s", key, exc)
 

@@ -41,7 +41,7 @@ from aiohttp import web
 from reponotify.config import SourceSettings
 from reponotify.events import EVENT_KINDS, EVENT_NAMES
 from reponotify.outbox import OutboxError
-from reponotify.receiver import AUTH, ENGINE, STATE, Auth, error, read_body
+from reponotify.receiver import AUTH, ENGINE, STATE, Auth, error, read_body, shutting_down
 from reponotify.sources import distribution, dockerhub, harbor, quay
 from reponotify.sources.common import Malformed, Normalised, SourceEvent
 
@@ -101,45 +101,44 @@ async def post_source(request: web.Request) -> web.Response:
     adapter = ADAPTERS.get(name)
     if adapter is None:
         known = ', '.join([*sorted(ADAPTERS), 'quay/<event>'])
-        return error(404, f"unknown source {name[:100]!r}; known sources: {known}")
+        return error(404, f"unknown source {name[:100]!r}; known sources: {known}", 'unknown_event')
     return await _receive(request, name, lambda body: adapter(body, settings_of(request.app)))
 
 
 async def post_quay(request: web.Request) -> web.Response:
     kind = request.match_info['event']
     if kind not in EVENT_KINDS:
-        return error(404, f"unknown event {kind[:100]!r}; known events: {', '.join(EVENT_NAMES)}")
+        return error(404, f"unknown event {kind[:100]!r}; known events: {', '.join(EVENT_NAMES)}", 'unknown_event')
     idempotency_key = request.headers.get('Idempotency-Key')
     if idempotency_key is not None and not (0 < len(idempotency_key) <= 255):
-        return error(400, "Idempotency-Key must be 1 to 255 characters")
+        return error(400, "Idempotency-Key must be 1 to 255 characters", 'bad_idempotency_key')
     return await _receive(request, 'quay',
                           lambda body: quay.normalise(kind, body, settings_of(request.app), idempotency_key))
 
 
 async def _receive(request: web.Request, name: str, adapt: Callable[[Any], Normalised]) -> web.Response:
     if not request.app[STATE].accepting:
-        return web.json_response({'error': "shutting down: not accepting events; retry shortly"}, status=503,
-                                 headers={'Retry-After': '5'})
+        return shutting_down()
     auth = source_auth(request.app, name)
     if auth.required and not auth.hmac_secret and not (auth.bearer_ok(request) or _query_token_ok(auth, request)):
-        return error(401, UNAUTHORIZED)  # no need to read the body of a request that cannot be right
+        return error(401, UNAUTHORIZED, 'unauthorized')  # no need to read the body of a request that cannot be right
     body = await read_body(request)
     if isinstance(body, web.Response):
         return body
     if auth.required and not (auth.bearer_ok(request) or _query_token_ok(auth, request)
                               or auth.signature_ok(request, body)):
-        return error(401, UNAUTHORIZED)
+        return error(401, UNAUTHORIZED, 'unauthorized')
     try:
         parsed = json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         return error(400, f"body is not valid JSON: {exc}" if isinstance(exc, ValueError)
-                     else "body is not valid JSON: nested too deeply")
+                     else "body is not valid JSON: nested too deeply", 'malformed_json')
     try:
         normalised = adapt(parsed)
     except Malformed as exc:
-        return error(422, str(exc))
+        return error(422, str(exc), 'invalid_payload')
     try:
-        results = [await _accept(request.app, event) for event in normalised.events]
+        results = [await _accept(request.app, event, name) for event in normalised.events]
     except OutboxError as exc:
         logger.error("Could not queue %s events: %s", name, exc)
         return web.json_response({'error': "could not queue the event; retry shortly"}, status=503,
@@ -153,12 +152,13 @@ async def _receive(request: web.Request, name: str, adapt: Callable[[Any], Norma
     }, status=202)
 
 
-async def _accept(app: web.Application, event: SourceEvent) -> dict[str, Any]:
+async def _accept(app: web.Application, event: SourceEvent, source: str) -> dict[str, Any]:
     """Ingest one source event; a coalesced one is rebuilt without parts an earlier event already holds."""
     engine = app[ENGINE]
     current: SourceEvent | None = event
     while current is not None:
         accepted = await engine.ingest(current.kind, current.payload, idempotency_key=current.idempotency_key,
+                                       source=source,
                                        claims=current.claims)
         if not accepted.taken:
             return {'id': accepted.id, 'kind': current.kind, 'repository': current.payload['repository'],

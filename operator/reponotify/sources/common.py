@@ -15,7 +15,7 @@ import json
 import re
 import string
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from reponotify.models import REPOSITORY_PATTERN
 
@@ -24,8 +24,8 @@ _REPOSITORY = re.compile(REPOSITORY_PATTERN)
 _TAG = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$')
 # A registry host as it may appear in docker_url: a DNS name or IPv4 address, or a bracketed IPv6 address,
 # with an optional port. Anything else (a Host header with a path, spaces, markup) is not used.
-_HOST = re.compile(r'^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*'
-                   r'|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$')
+_LABEL = r'[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?'
+_HOST = re.compile(rf'^(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?$')
 HOMEPAGE_FIELDS = ('repository', 'namespace', 'name', 'host')
 MAX_KEY_ID = 200  # longer source ids are hashed into the idempotency key
 
@@ -69,9 +69,9 @@ class Normalised:
     ignored: list[Ignored] = dataclasses.field(default_factory=list)
 
 
-def is_repository(value: Any) -> bool:
+def is_repository(value: Any) -> TypeGuard[str]:
     """Whether a value is a routable repository ("namespace/name", lowercase, as in Quay)."""
-    return isinstance(value, str) and _REPOSITORY.match(value) is not None
+    return isinstance(value, str) and _REPOSITORY.fullmatch(value) is not None
 
 
 def repository_problem(value: Any) -> str:
@@ -79,21 +79,22 @@ def repository_problem(value: Any) -> str:
             "so no notification can name it")
 
 
-def is_tag(value: Any) -> bool:
+def is_tag(value: Any) -> TypeGuard[str]:
     """Whether a value is a tag (and not a digest standing in for one, as Harbor sends for untagged pushes)."""
-    return isinstance(value, str) and _TAG.match(value) is not None
+    return isinstance(value, str) and _TAG.fullmatch(value) is not None
 
 
 def clean_host(value: Any) -> str | None:
     """A registry host fit for docker_url, or None."""
-    return value if isinstance(value, str) and _HOST.match(value) else None
+    return value if isinstance(value, str) and _HOST.fullmatch(value) else None
 
 
 def check_homepage_template(template: str) -> str:
     """Check a homepage URL template; raises ValueError naming an unknown placeholder."""
     for _, field, spec, conversion in string.Formatter().parse(template):
         if field is not None and (field not in HOMEPAGE_FIELDS or spec or conversion):
-            raise ValueError(f"unknown placeholder {{{field}}}: use {', '.join('{%s}' % f for f in HOMEPAGE_FIELDS)}")
+            known = ', '.join(f'{{{name}}}' for name in HOMEPAGE_FIELDS)
+            raise ValueError(f"unknown placeholder {{{field}}}: use {known}")
     return template
 
 

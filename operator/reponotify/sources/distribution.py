@@ -104,6 +104,7 @@ def coalesce(pushes: Sequence[TagPush]) -> SourceEvent:
     payload = repository_fields(first.repository, first.host, first.homepage)
     payload['updated_tags'] = list(dict.fromkeys(push.tag for push in pushes))
     keys = tuple(dict.fromkeys(push.key for push in pushes))
+    claims: tuple[str, ...]
     if len(keys) == 1:
         key, claims = keys[0], ()
     else:

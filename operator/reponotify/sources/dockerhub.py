@@ -18,8 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from reponotify.config import SourceSettings
-from reponotify.sources.common import (Ignored, Malformed, Normalised, SourceEvent, content_key, is_repository,
-                                       is_tag, repository_fields, repository_problem)
+from reponotify.sources.common import (Ignored, Malformed, Normalised, SourceEvent, content_key, is_repository, is_tag,
+                                       repository_fields, repository_problem)
 
 KEY = 'dockerhub:'
 REGISTRY_HOST = 'docker.io'

@@ -63,7 +63,8 @@ def normalise(body: Any, settings: SourceSettings) -> Normalised:
     if not is_repository(repository):
         return Normalised(ignored=[Ignored(repository_problem(repository), event_id)])
     resources = [resource for resource in resources if isinstance(resource, Mapping)]
-    base_key = id_key(KEY, event_id) if event_id else content_key(KEY, kind, body.get('occur_at'), repository, resources)
+    base_key = (id_key(KEY, event_id) if event_id
+                else content_key(KEY, kind, body.get('occur_at'), repository, resources))
     host = next(filter(None, (_host(resource.get('resource_url')) for resource in resources)), None)
     template = settings.harbor_homepage_url or DEFAULT_HOMEPAGE
     homepage = render_homepage(template, repository, host or '') if host or '{host}' not in template else ''
