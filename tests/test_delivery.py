@@ -292,3 +292,41 @@ async def test_a_notification_repr_never_shows_inline_secrets() -> None:
     notification = await compile_notification(NotificationKey('team-a', 'n'), spec, ManifestSecrets({}))
     assert 'inline-secret-token' not in repr(notification)
     assert 'inline-secret-token' not in str(notification)
+
+
+# -- a graceful stop keeps what was written ----------------------------------------------------------
+
+async def test_a_delivery_completed_before_a_graceful_stop_is_not_resumed(tmp_path) -> None:
+    """
+    ``Outbox.close`` must let a commit already handed to its database thread finish. It used to
+    cancel the writer as soon as nothing was left in the submission queue, and a batch waiting for
+    the (busy) database thread was then never written: after a restart, a delivery whose final
+    outcome was already recorded ran again (seen as Failed, then Dropped, for one event).
+    """
+    import threading
+
+    from reponotify.events import new_event
+    from reponotify.outbox import Outbox
+
+    path = tmp_path / 'outbox.sqlite3'
+    outbox = Outbox(path)
+    assert await outbox.open() == 0
+    await outbox.accept(new_event('repo_push', sample_payload('repo_push', REPOSITORY)), [KEY])
+    delivery = await outbox.take()
+
+    busy = threading.Event()  # keeps the outbox's one database thread busy (say, a slow fsync)
+    blocker = asyncio.get_running_loop().run_in_executor(outbox._thread, busy.wait)
+    await outbox.complete(delivery)  # the final outcome is recorded: the row must go
+    closing = asyncio.create_task(outbox.close())
+    for _ in range(50):  # event-loop turns (not wall time): the writer takes the delete, close() acts
+        await asyncio.sleep(0)
+    assert not outbox._submissions  # the delete is in the writer's hands, waiting for the thread
+    busy.set()
+    await blocker
+    await asyncio.wait_for(closing, 10)
+
+    reopened = Outbox(path)
+    try:
+        assert await reopened.open() == 0  # nothing to resume
+    finally:
+        await reopened.close()

@@ -419,6 +419,7 @@ class NoSink:
 class Running:
     engine: Engine
     url: str
+    transitions: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # of KEY's Ready
 
     def ready(self) -> tuple[str, str, str]:
         return ready(self.engine.book.status(KEY))
@@ -432,7 +433,9 @@ async def start_engine(tmp_path: pathlib.Path) -> AsyncIterator[Callable[..., An
     async def start(settings: Callable[[str], EngineSettings], clock: Callable[[], float] | None = None) -> Running:
         port = free_port()
         url = f'http://127.0.0.1:{port}'
-        engine = Engine(settings(url), outbox_path=tmp_path / 'outbox.sqlite3')
+        transitions: list[tuple[str, str, str]] = []
+        engine = Engine(settings(url), outbox_path=tmp_path / 'outbox.sqlite3', on_transition=lambda key, old, new: (
+            transitions.append((new.status, new.reason, new.message)) if key == KEY else None))
         if clock is not None:
             assert engine.verification is not None
             engine.verification.clock = clock
@@ -442,7 +445,7 @@ async def start_engine(tmp_path: pathlib.Path) -> AsyncIterator[Callable[..., An
         }, ManifestSecrets({})))
         runner = await serve(make_app(engine), '127.0.0.1', port)
         runners.append((engine, runner))
-        return Running(engine, url)
+        return Running(engine, url, transitions)
 
     yield start
     for engine, runner in runners:
@@ -529,18 +532,21 @@ async def test_held_events_older_than_the_max_age_are_dropped(smtp: SmtpServer, 
 
 async def test_a_verification_mail_that_fails_is_retried(smtp: SmtpServer, start_engine: Any) -> None:
     smtp.recorder.data_replies = ['451 4.7.1 Greylisted, try again']
-    running = await start_engine(lambda url: engine_settings(smtp.port, public_url=url, retry_schedule=(0.5,)))
-    await eventually(lambda: 'could not be sent' in running.ready()[2], "the failure in the condition")
-    status, reason, message = running.ready()
-    [retry_at] = re.findall(TIME, message)
-    assert (status, reason, message) == ('False', 'EmailNotVerified', (
-        f"ops@example.com is not verified for acme/web, and the verification mail could not be sent to it: "
-        f"SMTP server refused the mail: 451 4.7.1 Greylisted, try again; retrying at {retry_at}. {HELD}"))
-
+    running = await start_engine(lambda url: engine_settings(smtp.port, public_url=url, retry_schedule=(0.2,)))
     [mail] = await smtp.recorder.wait_for(1)
     assert [m.reply[:3] for m in smtp.recorder.mails] == ['451', '250']
     assert smtp.recorder.mails[0].plain == mail.plain  # the same link, retried
     await eventually(lambda: 'a verification mail was sent' in running.ready()[2], "the condition naming the mail")
+
+    sending, failed, sent = running.transitions
+    assert sending == ('False', 'EmailNotVerified', (
+        f"ops@example.com is not verified for acme/web: sending it a verification mail; open the link in it to "
+        f"receive these notifications. {HELD}"))
+    [retry_at] = re.findall(TIME, failed[2])
+    assert failed == ('False', 'EmailNotVerified', (
+        f"ops@example.com is not verified for acme/web, and the verification mail could not be sent to it: "
+        f"SMTP server refused the mail: 451 4.7.1 Greylisted, try again; retrying at {retry_at}. {HELD}"))
+    assert sent[:2] == ('False', 'EmailNotVerified') and 'a verification mail was sent' in sent[2]
 
 
 async def test_without_a_public_url_the_condition_says_what_to_set(smtp: SmtpServer, start_engine: Any) -> None:
@@ -583,7 +589,10 @@ async def test_other_methods_are_not_held(smtp: SmtpServer, start_engine: Any, h
     accepted = await post_event(running.url, push('v1'))
     assert accepted['matched'] == 2
     await http_target.wait_for(1, '/hook')
+    await eventually(lambda: len(running.engine.outbox) == 1, "the webhook delivery to complete")
+    await asyncio.sleep(0.2)
     assert len(running.engine.outbox) == 1  # only the mail waits
+    assert smtp.recorder.mails[1:] == []
 
 
 # -- the operator ----------------------------------------------------------------------------------

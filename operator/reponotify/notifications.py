@@ -13,6 +13,7 @@ Error messages never contain config values: those may be secrets.
 """
 import dataclasses
 import re
+import sys
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -24,7 +25,7 @@ from reponotify.methods import METHODS, Method, MethodConfig
 from reponotify.models import RepositoryNotificationSpec, priority_level
 
 
-@dataclasses.dataclass(frozen=True, order=True)
+@dataclasses.dataclass(frozen=True, order=True, slots=True)
 class NotificationKey:
     """Identifies a notification: the resource's namespace and name."""
     namespace: str
@@ -58,7 +59,7 @@ class SecretSource(Protocol):
     async def read(self, namespace: str, name: str, key: str) -> str: ...
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # slots: 100,000 of them must stay small
 class Notification:
     """A notification ready for routing and delivery."""
     key: NotificationKey
@@ -74,7 +75,7 @@ class Notification:
 
     @property
     def event(self) -> str:
-        return str(self.spec.event)
+        return sys.intern(str(self.spec.event))  # one string per event kind, however many notifications
 
 
 def parse_spec(raw: Mapping[str, Any] | None) -> RepositoryNotificationSpec:

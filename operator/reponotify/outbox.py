@@ -119,6 +119,7 @@ class Outbox:
         self._submissions: list[_Submission] = []
         self._writer: asyncio.Task[None] | None = None
         self._submitted: asyncio.Event | None = None
+        self._writing = False  # the writer holds a batch it has not committed yet
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -138,7 +139,9 @@ class Outbox:
     async def close(self) -> None:
         """Write what is still queued, then close the database."""
         if self._writer is not None:
-            while self._submissions and not self._writer.done():
+            # A batch the writer has taken is no longer in _submissions: wait for it too (cancelling the
+            # writer then would drop a commit still queued for the database thread).
+            while (self._submissions or self._writing) and not self._writer.done():
                 await asyncio.sleep(0.01)
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
@@ -214,6 +217,7 @@ class Outbox:
             while self._submissions:
                 batch = self._submissions[:self._max_batch]
                 del self._submissions[:self._max_batch]
+                self._writing = True
                 try:
                     results = await self._run(self._commit, batch)
                 except Exception as exc:  # accepting requests get a 5xx; nothing half-written stays
@@ -221,6 +225,8 @@ class Outbox:
                         if submission.future is not None and not submission.future.done():
                             submission.future.set_exception(OutboxError(f"could not queue the event: {exc}"))
                     continue
+                finally:
+                    self._writing = False
                 for submission, result in zip(batch, results, strict=True):
                     if submission.future is not None and not submission.future.done():
                         submission.future.set_result(result)

@@ -50,7 +50,7 @@ class RoutingTable:
     """Compiled notifications indexed by route (exact repositories), by glob bucket and by key."""
 
     def __init__(self) -> None:
-        self._by_route: dict[Route, dict[NotificationKey, Notification]] = {}
+        self._by_route: dict[Route, tuple[Notification, ...]] = {}  # a tuple: most routes have one (memory)
         self._globs: dict[GlobBucket, dict[NotificationKey, tuple[re.Pattern[str], Notification]]] = {}
         self._by_key: dict[NotificationKey, Notification] = {}
 
@@ -69,7 +69,7 @@ class RoutingTable:
             self._globs.setdefault(bucket, {})[notification.key] = entry
         else:
             route = (notification.repository, notification.event)
-            self._by_route.setdefault(route, {})[notification.key] = notification
+            self._by_route[route] = (*self._by_route.get(route, ()), notification)
         self._by_key[notification.key] = notification
 
     def remove(self, key: NotificationKey) -> None:
@@ -84,14 +84,15 @@ class RoutingTable:
                 del self._globs[bucket]
         else:
             route = (old.repository, old.event)
-            entries = self._by_route[route]
-            del entries[key]
-            if not entries:
+            remaining = tuple(entry for entry in self._by_route[route] if entry.key != key)
+            if remaining:
+                self._by_route[route] = remaining
+            else:
                 del self._by_route[route]
 
     def candidates(self, repository: str, kind: str) -> list[Notification]:
         """The notifications on a route, exact ones first, then matching globs; before filters."""
-        found = list(self._by_route.get((repository, kind), {}).values())
+        found = list(self._by_route.get((repository, kind), ()))
         if self._globs:
             for bucket in ((kind, repository.split('/', 1)[0]), (kind, None)):
                 globs = self._globs.get(bucket)

@@ -15,7 +15,6 @@ API server a handful of PATCH requests, and the last write is always exact.
 import asyncio
 import collections
 import dataclasses
-import datetime
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -27,13 +26,22 @@ from reponotify.notifications import NotificationKey
 logger = logging.getLogger(__name__)
 
 DISABLE_AFTER_FAILURES = 3  # Quay's rule
+COUNTERS = ('succeeded', 'failed', 'dropped')  # status.deliveries
+
+
+_now_cache: tuple[int, str] = (-1, '')
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+    """The current UTC time to the second; one string per second, shared by everything stamped in it."""
+    global _now_cache
+    second = int(time.time())
+    if _now_cache[0] != second:
+        _now_cache = (second, time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(second)))
+    return _now_cache[1]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ReadyCondition:
     status: str  # "True" | "False"
     reason: str
@@ -60,16 +68,14 @@ class DeliveryRecord:
         }
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # one per notification: kept small (slots, lazy members)
 class _Entry:
     spec_condition: ReadyCondition = ReadyCondition('Unknown', 'Pending', 'Not processed yet')
     generation: int | None = None
     number_of_failures: int = 0
     last_delivery: dict[str, Any] | None = None
-    counters: dict[str, int] = dataclasses.field(
-        default_factory=lambda: {'succeeded': 0, 'failed': 0, 'dropped': 0})
-    recent: collections.deque[dict[str, Any]] = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=RECENT_DELIVERIES))
+    counters: dict[str, int] | None = None  # COUNTERS, made on the first outcome
+    recent: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # newest first, RECENT_DELIVERIES at most
     ready: ReadyCondition | None = None
     ready_since: str = dataclasses.field(default_factory=now_rfc3339)
     last_test: dict[str, Any] | None = None
@@ -99,9 +105,8 @@ class StatusBook:
         entry = self._entry(key)
         entry.number_of_failures = int(status.get('numberOfFailures') or 0)
         entry.last_delivery = status.get('lastDelivery') or None
-        for name in entry.counters:
-            entry.counters[name] = int((status.get('deliveries') or {}).get(name) or 0)
-        entry.recent.extend(status.get('recentDeliveries') or [])
+        entry.counters = {name: int((status.get('deliveries') or {}).get(name) or 0) for name in COUNTERS}
+        entry.recent = list(status.get('recentDeliveries') or [])[:RECENT_DELIVERIES]
         entry.last_test = status.get('lastTest') or None
         for condition in status.get('conditions') or []:
             if condition.get('type') == 'Ready':
@@ -168,8 +173,11 @@ class StatusBook:
             DeliveryOutcome.DROPPED: 'dropped',
         }.get(record.outcome)
         if counter is not None:
+            if entry.counters is None:
+                entry.counters = dict.fromkeys(COUNTERS, 0)
             entry.counters[counter] += 1
-            entry.recent.appendleft(status)
+            entry.recent.insert(0, status)
+            del entry.recent[RECENT_DELIVERIES:]
         self._mark(key)
         if self.on_delivery is not None:
             self.on_delivery(key, record)
@@ -195,7 +203,7 @@ class StatusBook:
             }],
             'numberOfFailures': entry.number_of_failures,
             'lastDelivery': entry.last_delivery,
-            'deliveries': dict(entry.counters),
+            'deliveries': dict(entry.counters or dict.fromkeys(COUNTERS, 0)),
             'recentDeliveries': list(entry.recent),
             **({'lastTest': dict(entry.last_test)} if entry.last_test else {}),
         }

@@ -178,7 +178,7 @@ def _ssl_words(exc: BaseException) -> str:
     return (match.group('words') if match else '') or type(exc).__name__
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class WebhookTarget:
     url: pydantic.SecretStr
     template: BodyTemplate | None
