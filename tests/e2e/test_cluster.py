@@ -57,7 +57,7 @@ def release(namespace: str) -> Iterator[str]:
     run(helm, 'install', 'reponotify', str(ROOT / 'charts' / 'reponotify'), '--namespace', namespace,
         '--set', f'image.repository={repository}', '--set', f'image.tag={tag}',
         '--set', 'persistence.enabled=false', '--set', f'watchNamespaces={{{namespace}}}',
-        '--set', 'allowTargets=0.0.0.0/0', '--wait', '--timeout', '180s')
+        '--set', 'allowTargets={0.0.0.0/0}', '--wait', '--timeout', '180s')
     yield 'reponotify'
     run(helm, 'uninstall', 'reponotify', '--namespace', namespace)
 
