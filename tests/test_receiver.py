@@ -290,3 +290,12 @@ async def test_receiver_on_a_real_port(engine: Engine, unused_tcp_port: int) -> 
     finally:
         await runner.cleanup()
     assert len(engine.outbox) == 1
+
+
+async def test_repository_with_a_trailing_newline_is_422(client: TestClient, engine: Engine) -> None:
+    payload = {**PAYLOAD, 'repository': 'acme/web\n'}
+    response = await client.post('/v1/events/repo_push', data=json.dumps(payload), headers=AUTH)
+    assert response.status == 422
+    assert await response.json() == {
+        'error': "payload field 'repository' must look like \"namespace/name\" (lowercase), got 'acme/web\\n'"}
+    assert len(engine.outbox) == 0

@@ -152,3 +152,20 @@ def test_tenancy_allows_a_glob_notification_only_when_an_allowance_covers_all_it
     from reponotify.tenancy import ANNOTATION, allowance_from
 
     assert allowance_from({ANNOTATION: allowed}, default_allow=False).permits(repository) is permitted
+
+
+async def test_testing_a_glob_notification_sends_a_sample_for_a_repository_it_matches() -> None:
+    from reponotify.engine import Engine, test_payload
+    from reponotify.notifications import NotificationKey, compile_notification
+    from reponotify.standalone import ManifestSecrets
+
+    spec = {'repository': 'acme/*', 'event': 'repo_push', 'method': 'webhook',
+            'config': {'url': 'https://ci.example.com/hook'}}
+    notification = await compile_notification(NotificationKey('team-a', 'glob'), spec, ManifestSecrets({}))
+    payload = test_payload(notification)
+    assert payload['repository'] == 'acme/example'
+    assert payload['docker_url'] == 'quay.io/acme/example'
+    engine = Engine()
+    engine.put_notification(notification)
+    from reponotify.events import new_event
+    assert engine.routing.match(new_event('repo_push', payload)) == [notification]

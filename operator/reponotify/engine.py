@@ -45,8 +45,12 @@ def accepted_condition(notification: Notification) -> ReadyCondition:
 
 
 def test_payload(notification: Notification) -> dict[str, Any]:
-    """The sample payload for a notification's test, aimed at its repository (and level, as Quay does)."""
-    payload = sample_payload(notification.event, notification.repository)
+    """The sample payload for a notification's test, aimed at its repository (and level, as Quay does).
+
+    For a glob notification (``acme/*``) the sample names a repository the glob matches (``acme/example``).
+    """
+    repository = notification.repository.replace('*', 'example').replace('?', 'x')
+    payload = sample_payload(notification.event, repository)
     config = notification.spec.eventConfig
     if notification.event == 'vulnerability_found':
         level = priority_level(config.level) if config and config.level is not None else 0

@@ -205,7 +205,7 @@ def payload_problem(payload: Any) -> str | None:
     repository = payload['repository']
     if not isinstance(repository, str):
         return f"payload field 'repository' must be a string \"namespace/name\", not {type(repository).__name__}"
-    if not _REPOSITORY.match(repository):
+    if not _REPOSITORY.fullmatch(repository):  # fullmatch: "$" alone would let a trailing newline in
         return f"payload field 'repository' must look like \"namespace/name\" (lowercase), got {repository[:300]!r}"
     return None
 
