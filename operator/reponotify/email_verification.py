@@ -34,9 +34,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import jinja2
 
 from reponotify.dispatcher import Hold
+from reponotify.messages import LAYOUTS
 from reponotify.methods.base import SmtpSettings
 from reponotify.methods.email import POLICY, EmailTarget, message_id, send_mail, sender_address, single_line
 from reponotify.notifications import Notification, NotificationKey
@@ -72,13 +72,6 @@ class _Failure:
     retry_at: float | None  # the next try of the running request, or None: given up for FINAL_FAILURE_PAUSE
 
 
-_TEMPLATES = jinja2.Environment(
-    loader=jinja2.PackageLoader('reponotify', 'messages'),
-    autoescape=True,
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
 
 
 def format_time(epoch: float) -> str:
@@ -137,7 +130,7 @@ def build_verification_mail(*, sender: str, recipient: str, repository: str, lin
     mail['Auto-Submitted'] = 'auto-generated'
     mail['X-Reponotify-Repository'] = single_line(repository)
     mail.set_content(plain, subtype='plain', charset='utf-8')
-    mail.add_alternative(_TEMPLATES.get_template('verification_mail.html').render(values), subtype='html',
+    mail.add_alternative(LAYOUTS.get_template('verification_mail.html').render(values), subtype='html',
                          charset='utf-8')
     for part in mail.iter_parts():
         del part['MIME-Version']
@@ -371,7 +364,7 @@ _HINTS = {
 
 async def verification_page(verification: EmailVerification | None, token: str) -> tuple[int, str]:
     """The HTTP status and HTML page answering ``GET /v1/verify/<token>``."""
-    page = _TEMPLATES.get_template('verification_page.html')
+    page = LAYOUTS.get_template('verification_page.html')
     if verification is None:
         return 404, page.render(ok=False, title="Nothing to verify",
                                 message="E-mail address verification is turned off on this reponotify.", hint='')

@@ -176,11 +176,9 @@ async def post_event(request: web.Request) -> web.Response:
         return body
     if not authorized(request, body):
         return error(401, UNAUTHORIZED, 'unauthorized')
-    try:
-        payload = json.loads(body, parse_constant=_not_json)
-    except (ValueError, RecursionError) as exc:
-        return error(400, f"body is not valid JSON: {exc}" if isinstance(exc, ValueError)
-                     else "body is not valid JSON: nested too deeply", 'malformed_json')
+    payload = parse_json(body)
+    if isinstance(payload, web.Response):
+        return payload
     problem = payload_problem(payload)
     if problem:
         return error(422, problem, 'invalid_payload')
@@ -188,6 +186,15 @@ async def post_event(request: web.Request) -> web.Response:
     accepted = await request.app[ENGINE].ingest(kind, payload, idempotency_key=idempotency_key)
     headers = {'Idempotent-Replayed': 'true'} if accepted.replayed else None
     return web.json_response({'id': accepted.id, 'matched': accepted.matched}, status=202, headers=headers)
+
+
+def parse_json(body: bytes) -> Any:
+    """The parsed body, or the 400 answer saying why it is not JSON."""
+    try:
+        return json.loads(body, parse_constant=_not_json)
+    except (ValueError, RecursionError) as exc:
+        return error(400, f"body is not valid JSON: {exc}" if isinstance(exc, ValueError)
+                     else "body is not valid JSON: nested too deeply", 'malformed_json')
 
 
 def _not_json(constant: str) -> Any:

@@ -162,18 +162,21 @@ async def list_notifications(request: web.Request) -> web.Response:
     return web.json_response({'items': items})
 
 
-def _known_key(request: web.Request) -> NotificationKey | None:
+def _button_target(request: web.Request) -> NotificationKey | web.Response:
+    """The notification a button request names, or the 401/404 answer."""
+    if not authorized(request):
+        return error(401, UNAUTHORIZED)
     key = NotificationKey(request.match_info['namespace'], request.match_info['name'])
-    return key if key in request.app[MANIFESTS].notifications else None
+    if key not in request.app[MANIFESTS].notifications:
+        return error(404, f"no notification {key}")
+    return key
 
 
 async def test_notification(request: web.Request) -> web.Response:
     """The standalone "Test Notification" button: send the event's sample payload once."""
-    if not authorized(request):
-        return error(401, UNAUTHORIZED)
-    key = _known_key(request)
-    if key is None:
-        return error(404, f"no notification {request.match_info['namespace']}/{request.match_info['name']}")
+    key = _button_target(request)
+    if isinstance(key, web.Response):
+        return key
     engine = request.app[ENGINE]
     await engine.send_test(key, value=now_rfc3339())
     return web.json_response({'lastTest': engine.book.status(key)['lastTest']}, status=202)
@@ -181,11 +184,9 @@ async def test_notification(request: web.Request) -> web.Response:
 
 async def reset_notification(request: web.Request) -> web.Response:
     """The standalone "re-enable" button: zero the failures of a notification."""
-    if not authorized(request):
-        return error(401, UNAUTHORIZED)
-    key = _known_key(request)
-    if key is None:
-        return error(404, f"no notification {request.match_info['namespace']}/{request.match_info['name']}")
+    key = _button_target(request)
+    if isinstance(key, web.Response):
+        return key
     engine = request.app[ENGINE]
     engine.reset(key)
     return web.json_response({'status': engine.book.status(key)})

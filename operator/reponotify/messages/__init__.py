@@ -22,6 +22,15 @@ _ENVIRONMENT = jinja2.Environment(
 )
 
 
+# Mail layouts and pages fill in values reponotify computed itself: a missing one is a bug, not "".
+LAYOUTS = jinja2.Environment(
+    loader=jinja2.PackageLoader('reponotify', 'messages'),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
 
 def safe_url(value: Any) -> str:
     """A link target from a payload: only http(s) URLs; anything else (javascript:, data:) becomes "#"."""

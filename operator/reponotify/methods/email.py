@@ -39,12 +39,11 @@ import ssl
 from typing import Any, ClassVar
 
 import aiosmtplib
-import jinja2
 import markupsafe
 import pydantic
 
 from reponotify.events import Event
-from reponotify.messages import render_html
+from reponotify.messages import LAYOUTS, render_html
 from reponotify.methods.base import AttemptResult, DeliveryContext, Method, MethodConfig, SmtpSettings
 
 # An addr-spec without quoted local parts, comments or IP-literal domains, ASCII only (no SMTPUTF8):
@@ -71,13 +70,6 @@ MAX_SUBJECT_LENGTH = 250  # summaries quote payload values (a mirror's message):
 _POLICY = email.policy.SMTP.clone(max_line_length=998, cte_type='7bit')
 POLICY = _POLICY  # for the other mail reponotify sends (the verification mail)
 
-_LAYOUT = jinja2.Environment(
-    loader=jinja2.PackageLoader('reponotify', 'messages'),
-    autoescape=True,
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
 
 
 def check_address(value: str) -> str:
@@ -169,7 +161,7 @@ def build_message(event: Event, *, sender: str, recipient: str, delivery_id: str
     which = f"the repository notification {notification}" if notification else "a repository notification"
     footer = f"You get this mail because {which} sends {event.kind} events of {event.repository} to {recipient}."
     plain = f"{text}\n\n-- \n{footer}\n"
-    rich = _LAYOUT.get_template('email.html').render(
+    rich = LAYOUTS.get_template('email.html').render(
         summary=summary, message=markupsafe.Markup(html_message), repository=event.repository,
         kind=event.kind, recipient=recipient, notification=notification)
 

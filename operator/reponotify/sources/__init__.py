@@ -31,7 +31,6 @@ A source's token may also come as ``?token=<token>`` in the URL, for registries 
 cannot send a header (Docker Hub, Quay).
 """
 import hmac
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +40,7 @@ from aiohttp import web
 from reponotify.config import SourceSettings
 from reponotify.events import EVENT_KINDS, EVENT_NAMES
 from reponotify.outbox import OutboxError
-from reponotify.receiver import AUTH, ENGINE, STATE, Auth, error, read_body, shutting_down
+from reponotify.receiver import AUTH, ENGINE, STATE, Auth, error, parse_json, read_body, shutting_down
 from reponotify.sources import distribution, dockerhub, harbor, quay
 from reponotify.sources.common import Malformed, Normalised, SourceEvent
 
@@ -128,11 +127,9 @@ async def _receive(request: web.Request, name: str, adapt: Callable[[Any], Norma
     if auth.required and not (auth.bearer_ok(request) or _query_token_ok(auth, request)
                               or auth.signature_ok(request, body)):
         return error(401, UNAUTHORIZED, 'unauthorized')
-    try:
-        parsed = json.loads(body, parse_constant=_not_json)
-    except (ValueError, RecursionError) as exc:
-        return error(400, f"body is not valid JSON: {exc}" if isinstance(exc, ValueError)
-                     else "body is not valid JSON: nested too deeply", 'malformed_json')
+    parsed = parse_json(body)
+    if isinstance(parsed, web.Response):
+        return parsed
     try:
         normalised = adapt(parsed)
     except Malformed as exc:
@@ -168,6 +165,3 @@ async def _accept(app: web.Application, event: SourceEvent, source: str) -> dict
     return {'id': None, 'kind': event.kind, 'repository': event.payload['repository'], 'matched': 0,
             'replayed': True}
 
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not a JSON value")
