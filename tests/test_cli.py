@@ -129,7 +129,8 @@ async def test_standalone_is_configured_by_environment_variables(http_target, tm
         status, body = await post(url, payload, {'Authorization': f'Bearer {TOKEN}'})
         assert (status, body['matched']) == (202, 1)
         async with aiohttp.ClientSession() as session, \
-                session.get(f'http://127.0.0.1:{port}/v1/notifications') as response:
+                session.get(f'http://127.0.0.1:{port}/v1/notifications',
+                            headers={'Authorization': f'Bearer {TOKEN}'}) as response:
             listing = await response.json()
         assert [(item['namespace'], item['name']) for item in listing['items']] == [('demo', 'to-ci')]
         process.send_signal(signal.SIGTERM)

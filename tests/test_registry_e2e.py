@@ -296,7 +296,8 @@ async def eventually(check: Any, what: str, timeout: float = TIMEOUT) -> Any:
 
 
 async def statuses(receiver: Standalone) -> dict[str, dict[str, Any]]:
-    async with aiohttp.ClientSession() as session, session.get(f'{receiver.url}/v1/notifications') as response:
+    async with aiohttp.ClientSession() as session, \
+            session.get(f'{receiver.url}/v1/notifications', headers={'Authorization': f'Bearer {TOKEN}'}) as response:
         assert response.status == 200
         items = (await response.json())['items']
     return {item['name']: item['status'] for item in items}

@@ -232,6 +232,10 @@ async def test_token_guards_events_in_standalone_mode(folder: pathlib.Path, tmp_
             401, {'error': UNAUTHORIZED})
         status, body = await post_json(f'{base}/v1/events/repo_push', payload, {'Authorization': 'Bearer tok'})
         assert (status, body['matched']) == (202, 1)
+        # Statuses are guarded as the buttons are.
+        assert await get_json(f'{base}/v1/notifications') == (401, {'error': UNAUTHORIZED})
+        status, listing = await get_json(f'{base}/v1/notifications', {'Authorization': 'Bearer tok'})
+        assert status == 200 and [item['name'] for item in listing['items']] == ['n']
 
 
 # -- manifests that cannot be loaded ----------------------------------------------------------------
@@ -284,3 +288,32 @@ def test_secret_data_and_string_data_are_decoded(folder: pathlib.Path) -> None:
         """)
     manifests = load_manifests(folder)
     assert manifests.secrets == {('default', 's'): {'a': 'ünï', 'b': 'plain', 'both': 'from-stringData'}}
+
+
+@pytest.mark.parametrize(('document', 'message'), [
+    ("apiVersion: reponotify.dev/v1\nkind: RepositoryNotification\nmetadata: {name: a}\nspec: {}\n",
+     "a RepositoryNotification must have apiVersion reponotify.dev/v1alpha1, not 'reponotify.dev/v1'"),
+    ("apiVersion: reponotify.dev/v1alpha1\nkind: RepositoryNotification\nmetadata: [a]\nspec: {}\n",
+     "metadata must be a mapping with a name"),
+    ("apiVersion: v1\nkind: Secret\nstringData: {url: x}\n",
+     "a Secret has no metadata.name"),
+])
+def test_manifest_mistakes_are_reported_not_ignored(tmp_path: pathlib.Path, document: str, message: str) -> None:
+    from reponotify.standalone import ManifestError, load_manifests
+    (tmp_path / 'bad.yaml').write_text(document)
+    with pytest.raises(ManifestError) as info:
+        load_manifests(tmp_path)
+    assert str(info.value) == f"{tmp_path / 'bad.yaml'}: {message}"
+
+
+@pytest.mark.parametrize(('spec_update', 'message'), [
+    ({'suspend': 'yes'}, "spec.suspend: Input should be a valid boolean"),
+    ({'event': 'repo_image_expiry', 'eventConfig': {'days': True}}, "spec.eventConfig.days: Input should be a valid integer"),
+])
+def test_standalone_is_as_strict_as_the_crd(spec_update: dict[str, object], message: str) -> None:
+    from reponotify.notifications import InvalidSpec, parse_spec
+    spec = {'repository': 'acme/web', 'event': 'repo_push', 'method': 'webhook',
+            'config': {'url': 'https://x.example.com'}, **spec_update}
+    with pytest.raises(InvalidSpec) as info:
+        parse_spec(spec)
+    assert str(info.value) == message

@@ -70,13 +70,14 @@ def _describe(item: Received) -> str:
     return text if len(text) <= 90 else text[:87] + '...'
 
 
-async def _wait_for_final_outcomes(client: httpx.AsyncClient, timeout: float) -> list[dict[str, Any]]:
+async def _wait_for_final_outcomes(client: httpx.AsyncClient, expected: int, timeout: float
+                                   ) -> list[dict[str, Any]]:
+    """Poll until ``expected`` deliveries have a final outcome (or the timeout passes)."""
     deadline = time.monotonic() + timeout
     while True:
         items = (await client.get('/v1/notifications')).json()['items']
-        busy = [item for item in items
-                if (item['status'].get('lastDelivery') or {}).get('outcome') == 'Retrying']
-        if not busy or time.monotonic() > deadline:
+        final = sum(sum(item['status']['deliveries'].values()) for item in items)
+        if final >= expected or time.monotonic() > deadline:
             return items
         await asyncio.sleep(0.1)
 
@@ -108,11 +109,13 @@ async def run_demo(manifests: pathlib.Path | None = None) -> int:
             async with httpx.AsyncClient(base_url=f'http://127.0.0.1:{port}') as client:
                 print(f"Receiver on http://127.0.0.1:{port}, target on http://127.0.0.1:{TARGET_PORT}\n")
                 print("Events posted (the seven documented Quay sample payloads):")
+                expected = 0
                 for kind in DOCUMENTED_SAMPLES:
                     response = await client.post(f'/v1/events/{kind}', json=sample_payload(kind))
                     answer = response.json()
+                    expected += answer.get('matched') or 0
                     print(f"  {kind:<22} -> {response.status_code} matched={answer.get('matched')}")
-                items = await _wait_for_final_outcomes(client, timeout=15)
+                items = await _wait_for_final_outcomes(client, expected, timeout=15)
         finally:
             stop.set()
             await service

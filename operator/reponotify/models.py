@@ -80,7 +80,7 @@ class EventConfig(_Model):
         description="vulnerability_found only: the lowest priority that fires, by name "
                     f"({', '.join(PRIORITIES)}) or by Quay's index 0..5 (0 is Critical).",
         json_schema_extra={'x-kubernetes-int-or-string': True})
-    days: int | None = pydantic.Field(
+    days: pydantic.StrictInt | None = pydantic.Field(
         default=None, ge=1, le=3650,
         description="repo_image_expiry only (required there): fire for tags expiring within this many days.")
 
@@ -118,7 +118,7 @@ class RepositoryNotificationSpec(_Model):
                     "may instead be given as <f>From: {secretKeyRef: {name, key}}.")
     title: str | None = pydantic.Field(
         default=None, max_length=255, description="A label for people; it is never sent.")
-    suspend: bool = pydantic.Field(
+    suspend: pydantic.StrictBool = pydantic.Field(
         default=False, description="Stop routing events to this notification without deleting it.")
 
 

@@ -302,8 +302,11 @@ class Outbox:
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, timeout=delay)  # until woken, or until the earliest is due
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow a cancellation that
+                # arrives in the same loop turn as the wake-up, and a stopping worker would go on.
+                async with asyncio.timeout(delay):  # until woken, or until the earliest is due
+                    await waiter
+            except TimeoutError:
                 pass
             finally:
                 if waiter in self._waiters:  # timed out or cancelled: not a waiter any more

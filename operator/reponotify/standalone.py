@@ -46,7 +46,7 @@ class Manifests:
 
 
 def load_manifests(folder: pathlib.Path) -> Manifests:
-    """Read every YAML document in a folder (not recursive); unrelated kinds are ignored."""
+    """Read every YAML document in a folder (not recursive); other kinds than ours and Secrets are ignored."""
     if not folder.is_dir():
         raise ManifestError(f"{folder} is not a folder")
     notifications: dict[NotificationKey, dict[str, Any]] = {}
@@ -58,17 +58,25 @@ def load_manifests(folder: pathlib.Path) -> Manifests:
         except yaml.YAMLError as exc:
             raise ManifestError(f"{path}: not valid YAML: {exc}") from None
         for doc in documents:
+            kind = doc.get('kind')
+            if kind not in (KIND, 'Secret'):
+                continue  # other kinds may share the folder
             metadata = doc.get('metadata') or {}
+            if not isinstance(metadata, dict):
+                raise ManifestError(f"{path}: metadata must be a mapping with a name")
             namespace = str(metadata.get('namespace') or 'default')
             name = str(metadata.get('name') or '')
-            if doc.get('kind') == KIND and doc.get('apiVersion') == API_VERSION:
-                if not name:
-                    raise ManifestError(f"{path}: a {KIND} has no metadata.name")
+            if not name:
+                raise ManifestError(f"{path}: a {kind} has no metadata.name")
+            if kind == KIND:
+                if doc.get('apiVersion') != API_VERSION:  # a typo must not silently drop a notification
+                    raise ManifestError(f"{path}: a {KIND} must have apiVersion {API_VERSION}, "
+                                        f"not {doc.get('apiVersion')!r}")
                 key = NotificationKey(namespace, name)
                 if key in notifications:
                     raise ManifestError(f"{path}: {KIND} {key} is defined twice")
                 notifications[key] = doc
-            elif doc.get('kind') == 'Secret' and doc.get('apiVersion') == 'v1':
+            elif doc.get('apiVersion') == 'v1':
                 secrets[(namespace, name)] = _secret_data(path, doc)
     return Manifests(notifications=notifications, secrets=secrets)
 
@@ -148,6 +156,8 @@ MANIFESTS: web.AppKey[Manifests] = web.AppKey('manifests', Manifests)
 
 
 async def list_notifications(request: web.Request) -> web.Response:
+    if not authorized(request):
+        return error(401, UNAUTHORIZED)
     engine = request.app[ENGINE]
     manifests = request.app[MANIFESTS]
     items = []

@@ -264,8 +264,9 @@ class StatusFlusher:
         while True:
             if self._pending:  # some were written too recently: come back when the earliest is due
                 try:
-                    await asyncio.wait_for(self._book.wait_changed(), timeout=self._delay_until_due())
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(self._delay_until_due()):  # not wait_for: see Outbox.take
+                        await self._book.wait_changed()
+                except TimeoutError:
                     pass
             else:
                 await self._book.wait_changed()
