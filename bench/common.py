@@ -95,8 +95,9 @@ def child_env() -> dict[str, str]:
     """The environment of child processes: the package importable, no proxies (loopback only)."""
     env = {key: value for key, value in os.environ.items()
            if key.lower() not in ('http_proxy', 'https_proxy', 'all_proxy')}
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT / 'operator'), str(BENCH),
-                                                     env.get('PYTHONPATH', '')]))
+    # BENCH_OPERATOR: another copy of operator/ to measure instead (before/after comparisons, bench/README.md).
+    operator = os.environ.get('BENCH_OPERATOR') or str(ROOT / 'operator')
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [operator, str(BENCH), env.get('PYTHONPATH', '')]))
     env['NO_PROXY'] = env['no_proxy'] = '*'
     env.setdefault('PYTHONDONTWRITEBYTECODE', '1')
     return env

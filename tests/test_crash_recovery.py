@@ -15,7 +15,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,12 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
-from conftest import HttpTarget, Reply
+from conftest import HttpTarget, Reply, free_port
 from reponotify.events import sample_payload
 
 SIGNING_SECRET = 'whsec_' + base64.b64encode(b'crash-recovery-secret-32-bytes!!').decode()
 REPOSITORY = 'acme/web'
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(('127.0.0.1', 0))
-        return int(probe.getsockname()[1])
 
 
 def write_manifests(folder: pathlib.Path, target_url: str) -> None:

@@ -7,11 +7,11 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import Reply
+from conftest import Reply, eventually
 from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import Engine, EngineSettings
 from reponotify.events import sample_payload
@@ -25,18 +25,6 @@ FAST = (0.01, 0.01, 0.01, 0.01)  # four retries, 10 ms apart at most
 DISABLED_MESSAGE = ("Disabled after 3 consecutive failed deliveries; events are dropped until it is reset "
                     "(annotate reponotify.dev/reset)")
 
-
-async def eventually(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def webhook(url: str, **config: Any) -> dict[str, Any]:

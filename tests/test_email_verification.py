@@ -21,7 +21,6 @@ import pathlib
 import os
 import re
 import signal
-import socket
 import sys
 import textwrap
 import threading
@@ -36,6 +35,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from click.testing import CliRunner
 
 from kube_emulator import RN, VersionedKubernetesEmulator, declare_resources, namespace_paths
+from conftest import eventually, free_port
 from reponotify.cli import main
 from reponotify.config import ReceiverSettings, Settings
 from reponotify.dispatcher import DispatcherSettings
@@ -133,24 +133,8 @@ async def smtp() -> AsyncIterator[SmtpServer]:
     await server.wait_closed()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return int(sock.getsockname()[1])
 
 
-async def eventually(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def engine_settings(smtp_port: int, *, public_url: str | None, **verification: Any) -> EngineSettings:

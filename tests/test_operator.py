@@ -13,7 +13,6 @@ import copy
 import json
 import pathlib
 import re
-import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,7 +21,7 @@ import aiohttp
 import kmock
 import pytest
 
-from conftest import Reply
+from conftest import Reply, eventually, free_port
 from kube_emulator import RN, VersionedKubernetesEmulator, declare_resources, namespace_paths
 from reponotify.config import ReceiverSettings, Settings
 from reponotify.dispatcher import DispatcherSettings
@@ -38,23 +37,8 @@ RFC3339 = re.compile(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$')
 DIFFBASE = f'kopf.{GROUP}/last-handled-configuration'
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return int(sock.getsockname()[1])
 
 
-async def eventually(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def ready(status: dict[str, Any] | None) -> tuple[str, str, str] | None:

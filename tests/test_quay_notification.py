@@ -15,7 +15,8 @@ from reponotify.notifications import InvalidSpec, NotificationKey, compile_notif
 from reponotify.receiver import make_app
 from reponotify.standalone import ManifestSecrets
 from reponotify.status import ReadyCondition
-from test_operator import NS, Cluster, StartOperator, cluster, eventually, start_operator
+from conftest import eventually
+from test_operator import NS, Cluster, StartOperator, cluster, start_operator
 
 __all__ = ['cluster', 'start_operator']  # fixtures used here
 

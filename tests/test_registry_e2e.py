@@ -44,7 +44,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from conftest import HttpTarget
+from conftest import HttpTarget, eventually
 
 from reponotify.config import ReceiverSettings, Settings
 from reponotify.dispatcher import DispatcherSettings
@@ -281,18 +281,6 @@ class Standalone:
         return f'http://127.0.0.1:{self.settings.receiver.port}'
 
 
-async def eventually(check: Any, what: str, timeout: float = TIMEOUT) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def statuses(receiver: Standalone) -> dict[str, dict[str, Any]]:

@@ -7,12 +7,12 @@ import contextlib
 import json
 import pathlib
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Reply
+from conftest import Reply, eventually
 from reponotify.config import ReceiverSettings, Settings
 from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import EngineSettings
@@ -27,17 +27,6 @@ from reponotify.standalone import (
 FAST = (0.01, 0.01, 0.01, 0.01)
 UNAUTHORIZED = "missing or wrong credentials (Authorization: Bearer <token>, or X-Signature: sha256=<hmac>)"
 
-
-async def eventually(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await check() if asyncio.iscoroutinefunction(check) else check()
-        if value:
-            return value
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
