@@ -44,7 +44,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from conftest import HttpTarget, eventually
+from conftest import HttpTarget, eventually, serve_on_loopback
 
 from reponotify.config import ReceiverSettings, Settings
 from reponotify.dispatcher import DispatcherSettings
@@ -222,11 +222,7 @@ class RecordingProxy:
         self._session = aiohttp.ClientSession()
         app = web.Application()
         app.router.add_post('/{tail:.*}', self._forward)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, '127.0.0.1', 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_on_loopback(app)
 
     async def stop(self) -> None:
         if self._runner is not None:
