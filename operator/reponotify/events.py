@@ -119,12 +119,28 @@ EVENT_NAMES: tuple[str, ...] = tuple(EVENT_KINDS)
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """A normalised repository event, whatever its source."""
+    """A normalised repository event, whatever its source. Its payload is not changed once it is made."""
     id: str
     kind: str
     repository: str
     payload: Payload
     received_at: datetime.datetime
+
+    @property
+    def payload_json(self) -> str:
+        """
+        The payload as ``json.dumps`` writes it (default separators), serialised once per event.
+
+        The outbox stores this text and a webhook without a template sends it: one ``json.dumps``
+        per event instead of one per use. Kept in the instance's ``__dict__``, not as a dataclass
+        field: the constructor, equality, repr and ``dataclasses.replace`` see the fields alone
+        (a replaced payload is serialised anew), and an event never serialised holds nothing more.
+        """
+        text: str | None = self.__dict__.get('_payload_json')
+        if text is None:  # two threads may both serialise it once: the same text, either one kept
+            text = json.dumps(self.payload)
+            object.__setattr__(self, '_payload_json', text)  # frozen: set as the dataclass __init__ does
+        return text
 
     @property
     def level(self) -> Level:
