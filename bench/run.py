@@ -57,6 +57,7 @@ class Sizes:
     memory_counts: tuple[int, ...]
     status_events: int
     recovery_pending: int
+    delivery_processes: int = 1  # the process model measured: reponotify's --delivery-processes
 
 
 FULL = Sizes(repeat=3, routing_sizes=(100, 10_000, 100_000), glob_share=0.05, wrk_seconds=5, latency_seconds=5,
@@ -74,7 +75,7 @@ def sample_body(folder: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def standalone(started: list[Process], folder: pathlib.Path, target: Target, *, name: str,
+def standalone(started: list[Process], folder: pathlib.Path, target: Target, sizes: Sizes, *, name: str,
                state: pathlib.Path | None = None) -> tuple[Process, str]:
     """reponotify itself, as users run it: the standalone command, one webhook notification to the target."""
     manifests = folder / f'{name}-manifests'
@@ -85,6 +86,7 @@ def standalone(started: list[Process], folder: pathlib.Path, target: Target, *, 
         [PYTHON, '-m', 'reponotify', 'standalone', '--manifests', str(manifests),
          '--state-dir', str(state or folder / f'{name}-state'), '--host', LOOPBACK, '--port', str(port),
          '--allow-targets', '127.0.0.0/8', '--workers', '64', '--per-target', '64',
+         '--delivery-processes', str(sizes.delivery_processes),
          '--no-email-verification', '--log-level', 'warning'],
         name=name, log=folder / f'{name}.log')
     started.append(process)
@@ -187,7 +189,7 @@ def ingest(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                        log=folder / 'bare.log')
         started.append(bare)
         bare_url = f"http://{LOOPBACK}:{bare.wait_for_line('PORT ').split()[1]}/v1/events/repo_push"
-        process, base = standalone(started, folder, target, name='ingest')
+        process, base = standalone(started, folder, target, sizes, name='ingest')
         wait_http(f'{base}/healthz', process=process)
         url = f'{base}/v1/events/repo_push'
         for _ in range(sizes.repeat):
@@ -250,7 +252,9 @@ def delivery(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                 work = folder / f'{mode}-{run}'
                 work.mkdir()
                 result = run_json([PYTHON, str(BENCH / 'work.py'), 'delivery', '--mode', mode, '--count', str(count),
-                                   '--target', target.url, '--folder', str(work)], timeout=300, name=f'delivery {mode}')
+                                   '--target', target.url, '--folder', str(work),
+                                   '--delivery-processes', str(sizes.delivery_processes)],
+                                  timeout=300, name=f'delivery {mode}')
                 if result['received'] != count or result['succeeded'] != count:
                     raise BenchError(f"delivery {mode}: {result}")
                 runs.append(result['rate'])
@@ -315,7 +319,7 @@ def peer(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                     raise BenchError(f"Alertmanager sent {target.stats()['count']} notifications for {count} alerts")
                 manager.stop()
             target.reset()
-            process, base = standalone(started, folder, target, name=f'peer-{run}')
+            process, base = standalone(started, folder, target, sizes, name=f'peer-{run}')
             wait_http(f'{base}/healthz', process=process)
             result = client('blast', f'{base}/v1/events/repo_push', body, count=count, concurrency=64)
             accepted(result, count)
@@ -404,7 +408,8 @@ def recovery(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                 state = folder / f'recovery-{pending}-{run}'
                 state.mkdir()
                 shutil.copy(path, state / 'outbox.sqlite3')
-                process, _ = standalone(started, folder, target, name=f'recovery-{pending}-{run}', state=state)
+                process, _ = standalone(started, folder, target, sizes,
+                                        name=f'recovery-{pending}-{run}', state=state)
                 stats = target.wait_count(1, 120)
                 times[pending].append(stats['first'] - process.started)
                 process.stop()
@@ -487,10 +492,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--repeat', type=int, default=None, help="runs per figure (default: 3, smoke: 1)")
     parser.add_argument('--out', type=pathlib.Path, default=BENCH / 'results', help="folder for results.json/.md")
     parser.add_argument('--keep', action='store_true', help="keep the scratch folder (logs) for a look")
+    parser.add_argument('--delivery-processes', type=int, default=None,
+                        help="reponotify's --delivery-processes in every scenario that delivers (default: 1)")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     if args.repeat:
         sizes = dataclasses.replace(sizes, repeat=args.repeat)
+    if args.delivery_processes is not None:
+        sizes = dataclasses.replace(sizes, delivery_processes=args.delivery_processes)
     names = [name.strip() for name in args.only.split(',') if name.strip()] or list(SCENARIOS)
     unknown = set(names) - set(SCENARIOS)
     if unknown:

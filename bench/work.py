@@ -93,7 +93,8 @@ async def load_notifications(engine: Any, count: int, *, glob_share: float = 0.0
     return exact
 
 
-def engine_settings(*, workers: int = 64, per_target: int = 64, status_interval: float = 1.0) -> Any:
+def engine_settings(*, workers: int = 64, per_target: int = 64, status_interval: float = 1.0,
+                    delivery_processes: int = 0) -> Any:
     from reponotify.dispatcher import DispatcherSettings
     from reponotify.email_verification import VerificationSettings
     from reponotify.engine import EngineSettings
@@ -101,7 +102,8 @@ def engine_settings(*, workers: int = 64, per_target: int = 64, status_interval:
 
     return EngineSettings(
         dispatcher=DispatcherSettings(workers=workers, per_target=per_target, retry_schedule=(1.0, 1.0, 1.0),
-                                      timeout=10.0, target_policy=TargetPolicy.parse('127.0.0.0/8')),
+                                      timeout=10.0, target_policy=TargetPolicy.parse('127.0.0.0/8'),
+                                      delivery_processes=delivery_processes),
         status_interval=status_interval,
         verification=VerificationSettings(enabled=False))
 
@@ -200,7 +202,7 @@ async def delivery(args: argparse.Namespace) -> dict[str, Any]:
     from reponotify.events import sample_payload
 
     folder = pathlib.Path(args.folder)
-    engine = Engine(engine_settings(), outbox_path=folder / 'outbox.sqlite3')
+    engine = Engine(engine_settings(delivery_processes=args.delivery_processes), outbox_path=folder / 'outbox.sqlite3')
     fanout = args.mode == 'fanout'
     await load_notifications(engine, args.count if fanout else 1, url=args.target, repository='acme/web',
                              per_notification_url=fanout)
@@ -379,6 +381,7 @@ def main() -> None:
     p.add_argument('--glob-share', type=float, default=0.0)
     p = sub.add_parser('delivery')
     p.add_argument('--mode', choices=['fanout', 'many'], required=True)
+    p.add_argument('--delivery-processes', type=int, default=0)
     p.add_argument('--count', type=int, required=True)
     p.add_argument('--target', required=True)
     p.add_argument('--folder', required=True)

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -31,10 +31,23 @@ def webhook(url: str, **config: Any) -> dict[str, Any]:
     return {'repository': REPOSITORY, 'event': 'repo_push', 'method': 'webhook', 'config': {'url': url, **config}}
 
 
+# Every engine here makes its attempts in-process, then again through one delivery process
+# (a child process: reponotify.delivery_processes): the outcomes must be the same.
+DELIVERY_PROCESSES = [0]
+
+
+@pytest.fixture(autouse=True, params=[0, 1], ids=['in-process', 'delivery-process'])
+def delivery_processes(request: pytest.FixtureRequest) -> Iterator[int]:
+    DELIVERY_PROCESSES[0] = request.param
+    yield request.param
+    DELIVERY_PROCESSES[0] = 0
+
+
 @contextlib.asynccontextmanager
 async def running(tmp_path, spec: dict[str, Any], *, schedule: tuple[float, ...] = FAST,
                   secrets: ManifestSecrets | None = None) -> AsyncIterator[Engine]:
-    engine = Engine(EngineSettings(dispatcher=DispatcherSettings(workers=4, retry_schedule=schedule),
+    engine = Engine(EngineSettings(dispatcher=DispatcherSettings(workers=4, retry_schedule=schedule,
+                                                                 delivery_processes=DELIVERY_PROCESSES[0]),
                                    status_interval=0.0))
     engine.put_notification(await compile_notification(KEY, spec, secrets or ManifestSecrets({})))
     engine.book.set_spec_condition(KEY, ReadyCondition('True', 'Accepted', 'routed'))

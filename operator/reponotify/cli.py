@@ -123,6 +123,10 @@ def common_options(function: F) -> F:
                help="Delays before each retry of a failed delivery (full jitter applies)."),
         option('--workers', type=click.IntRange(1, 10_000), default=64, show_default=True,
                help="Concurrent delivery attempts."),
+        option('--delivery-processes', type=click.IntRange(0, 64), default=0, show_default=True,
+               help="Child processes making delivery attempts (webhook, Slack, Flowdock, HipChat, e-mail), "
+                    "so that sending uses more cores; 0 makes them in this process. The outbox, retries "
+                    "and status stay in this process."),
         option('--per-target', type=click.IntRange(1, 10_000), default=16, show_default=True,
                help="Concurrent attempts to one target host, so a slow target cannot take every worker."),
         option('--timeout', type=click.FloatRange(0.1, 300), default=10.0, show_default=True,
@@ -205,6 +209,7 @@ def build_settings(host: str, port: int, token_file: pathlib.Path | None, token:
                    source_token_files: dict[str, pathlib.Path] | None = None,
                    source_hmac_secret_files: dict[str, pathlib.Path] | None = None,
                    unauthenticated_sources: tuple[str, ...] = (),
+                   delivery_processes: int = 0,
                    **_: Any) -> Settings:
     if token_file is not None:
         token = _read_secret_file(token_file, '--token-file')
@@ -227,7 +232,8 @@ def build_settings(host: str, port: int, token_file: pathlib.Path | None, token:
                 unauthenticated=frozenset(unauthenticated_sources))),
         engine=EngineSettings(
             dispatcher=DispatcherSettings(workers=workers, per_target=per_target, retry_schedule=retry_schedule,
-                                          timeout=timeout, methods=methods, target_policy=allow_targets),
+                                          timeout=timeout, methods=methods, target_policy=allow_targets,
+                                          delivery_processes=delivery_processes),
             status_interval=status_interval,
             verification=VerificationSettings(enabled=not no_email_verification, public_url=public_url,
                                               hold_max_age=email_hold_max_age)),

@@ -21,12 +21,13 @@ from typing import Any
 
 import aiohttp
 
+from reponotify.delivery_processes import DeliveryProcesses, child_settings
 from reponotify.methods import AttemptResult, DeliveryContext
 from reponotify.inbox import Inbox
 from reponotify.methods.base import DEFAULT_TIMEOUT, Announce, MethodSettings
 from reponotify.metrics import Metrics
 from reponotify.models import DeliveryOutcome
-from reponotify.notifications import Notification
+from reponotify.notifications import Notification, NotificationKey
 from reponotify.outbox import Outbox, PendingDelivery
 from reponotify.routing import RoutingTable
 from reponotify.status import DeliveryRecord, StatusBook
@@ -74,6 +75,8 @@ class DispatcherSettings:
     per_target: int = 16  # attempts in flight to one target (host), so a slow one cannot take every worker
     # The SSRF guard; None connects anywhere (the command line always sets one).
     target_policy: TargetPolicy | None = None
+    # Child processes making the attempts of methods that allow it (0: all in this process).
+    delivery_processes: int = 0
 
 
 class Dispatcher:
@@ -99,7 +102,13 @@ class Dispatcher:
         self._workers: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[Any]] = set()  # workers in the middle of an attempt
         self._per_target: collections.Counter[str] = collections.Counter()  # attempts in flight per target
+        self._processes: DeliveryProcesses | None = None
         self._closing = False
+
+    @property
+    def processes(self) -> DeliveryProcesses | None:
+        """The delivery processes, if attempts are made in child processes."""
+        return self._processes
 
     async def start(self) -> None:
         connector: aiohttp.TCPConnector
@@ -108,6 +117,10 @@ class Dispatcher:
         else:
             connector = aiohttp.TCPConnector(limit=self._settings.workers)
         self._http = aiohttp.ClientSession(connector=connector, trust_env=False)
+        if self._settings.delivery_processes:
+            self._processes = DeliveryProcesses(self._settings.delivery_processes, child_settings(
+                self._settings.methods, self._settings.target_policy, connections=self._settings.workers))
+            await self._processes.start()
         self._workers = [asyncio.create_task(self._work(), name=f'dispatcher-{i}')
                          for i in range(self._settings.workers)]
 
@@ -127,9 +140,17 @@ class Dispatcher:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+        if self._processes is not None:
+            await self._processes.stop()
+            self._processes = None
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+    def forget(self, key: NotificationKey) -> None:
+        """A notification was deleted: delivery processes drop what they hold of it."""
+        if self._processes is not None:
+            self._processes.forget(key)
 
     async def _work(self) -> None:
         worker = asyncio.current_task()
@@ -200,13 +221,16 @@ class Dispatcher:
 
     async def _attempt(self, notification: Notification, delivery: PendingDelivery) -> tuple[AttemptResult, int]:
         assert self._http is not None, "the dispatcher is not started"
-        context = DeliveryContext(
-            http=self._http, delivery_id=delivery.id, timeout=self._settings.timeout,
-            settings=self._settings.methods, notification=(delivery.key.namespace, delivery.key.name),
-            inbox=self._inbox, announce=self.announce)
-        started = time.monotonic()
-        result = await notification.method.deliver(notification.target, delivery.event, context)
-        elapsed = time.monotonic() - started
+        if self._processes is not None and notification.method.runs_in_delivery_process:
+            result, elapsed = await self._processes.attempt(notification, delivery, self._settings.timeout)
+        else:
+            context = DeliveryContext(
+                http=self._http, delivery_id=delivery.id, timeout=self._settings.timeout,
+                settings=self._settings.methods, notification=(delivery.key.namespace, delivery.key.name),
+                inbox=self._inbox, announce=self.announce)
+            started = time.monotonic()
+            result = await notification.method.deliver(notification.target, delivery.event, context)
+            elapsed = time.monotonic() - started
         if self.metrics is not None:
             self.metrics.attempted(notification.method.name, elapsed)
         return result, int(elapsed * 1000)
@@ -227,8 +251,11 @@ class Dispatcher:
         method = notification.method.name if notification is not None else 'unknown'
         if self.metrics is not None:
             self.metrics.outcome(method, outcome, delivery.event.received_at)
+        level = _LOG_LEVELS[outcome]
+        if not logger.isEnabledFor(level):  # a Succeeded is DEBUG: most records are not built at all
+            return
         # Messages name the target's answer, never its URL or credentials (see methods.base.post_json).
-        logger.log(_LOG_LEVELS[outcome], "Delivery %s of %s event %s to %s: %s: %s", delivery.id,
+        logger.log(level, "Delivery %s of %s event %s to %s: %s: %s", delivery.id,
                    delivery.event.kind, delivery.event.id, delivery.key, outcome.value, message,
                    extra={'notification': str(delivery.key), 'method': method, 'event_id': delivery.event.id,
                           'event': delivery.event.kind, 'delivery_id': delivery.id, 'outcome': outcome.value,

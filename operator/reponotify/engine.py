@@ -130,6 +130,7 @@ class Engine:
 
     def remove_notification(self, key: NotificationKey) -> None:
         self.routing.remove(key)
+        self.dispatcher.forget(key)
 
     def admit(self, notification: Notification) -> None:
         """

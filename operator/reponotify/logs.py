@@ -120,6 +120,14 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Ours, to replace on a second configuration (tests configure more than once)."""
 
 
+def logging_setup() -> tuple[str, str]:
+    """The level and format of this process's logging (for child processes to log alike)."""
+    root = logging.getLogger()
+    ours = [handler for handler in root.handlers if isinstance(handler, _Handler)]
+    log_format = 'json' if ours and isinstance(ours[-1].formatter, JsonFormatter) else 'text'
+    return logging.getLevelName(root.getEffectiveLevel()).lower(), log_format
+
+
 def configure_logging(level: str = 'info', log_format: str = 'text', stream: TextIO | None = None) -> None:
     """Send every logger's records (kopf's too) to ``stream`` (stderr) in one format."""
     handler = _Handler(stream or sys.stderr)

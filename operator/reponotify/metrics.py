@@ -128,22 +128,22 @@ class Metrics:
         self.registry.register(_ScrapeTime(pending, oldest_due, states, clock))
         # Every series of the fixed label sets exists from the start (at 0), so rates and alerts
         # work before the first occurrence.
-        for source in SOURCES:
-            for event in EVENT_NAMES:
-                self.events_received.labels(source, event)
+        # Their children are kept: labels() costs a lock and a lookup, several times per event
+        # (an unexpected label value still gets its series through labels()).
+        self._received = {(source, event): self.events_received.labels(source, event)
+                          for source in SOURCES for event in EVENT_NAMES}
         for reason in REJECTION_REASONS:
             self.events_rejected.labels(reason)
-        for method in METHODS:
-            for outcome in FINAL_OUTCOMES:
-                self.deliveries.labels(method, outcome.value)
-            self.delivery_latency.labels(method)
-            self.attempt_duration.labels(method)
-            self.retries.labels(method)
+        self._deliveries = {(method, outcome): self.deliveries.labels(method, outcome.value)
+                            for method in METHODS for outcome in FINAL_OUTCOMES}
+        self._latency = {method: self.delivery_latency.labels(method) for method in METHODS}
+        self._duration = {method: self.attempt_duration.labels(method) for method in METHODS}
+        self._retries = {method: self.retries.labels(method) for method in METHODS}
 
     # -- recording -------------------------------------------------------------------------------
 
     def received(self, source: str, event: str) -> None:
-        self.events_received.labels(source, event).inc()
+        (self._received.get((source, event)) or self.events_received.labels(source, event)).inc()
 
     def rejected(self, reason: str) -> None:
         if reason not in REJECTION_REASONS:
@@ -151,16 +151,16 @@ class Metrics:
         self.events_rejected.labels(reason).inc()
 
     def attempted(self, method: str, seconds: float) -> None:
-        self.attempt_duration.labels(method).observe(seconds)
+        (self._duration.get(method) or self.attempt_duration.labels(method)).observe(seconds)
 
     def outcome(self, method: str, outcome: DeliveryOutcome, received_at: datetime.datetime) -> None:
         """Count a delivery outcome: a retry, or a final one with its latency since the event's receipt."""
         if outcome == DeliveryOutcome.RETRYING:
-            self.retries.labels(method).inc()
+            (self._retries.get(method) or self.retries.labels(method)).inc()
             return
-        self.deliveries.labels(method, outcome.value).inc()
+        (self._deliveries.get((method, outcome)) or self.deliveries.labels(method, outcome.value)).inc()
         latency = (datetime.datetime.now(datetime.UTC) - received_at).total_seconds()
-        self.delivery_latency.labels(method).observe(max(0.0, latency))
+        (self._latency.get(method) or self.delivery_latency.labels(method)).observe(max(0.0, latency))
 
     # -- serving ---------------------------------------------------------------------------------
 

@@ -190,8 +190,8 @@ async def post_event(request: web.Request) -> web.Response:
 
 def parse_json(body: bytes) -> Any:
     """The parsed body, or the 400 answer saying why it is not JSON."""
-    try:
-        return json.loads(body, parse_constant=_not_json)
+    try:  # as json.loads(body) does, with one decoder for every request instead of one per call
+        return _DECODER.decode(body.decode(json.detect_encoding(body), 'surrogatepass'))
     except (ValueError, RecursionError) as exc:
         return error(400, f"body is not valid JSON: {exc}" if isinstance(exc, ValueError)
                      else "body is not valid JSON: nested too deeply", 'malformed_json')
@@ -201,6 +201,9 @@ def _not_json(constant: str) -> Any:
     # Python's json accepts NaN and Infinity; they are not JSON (RFC 8259), and forwarding them
     # would send invalid JSON to webhook targets.
     raise ValueError(f"{constant} is not a JSON value")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
 
 
 def payload_problem(payload: Any) -> str | None:

@@ -88,6 +88,9 @@ class Method(abc.ABC):
     """A way to deliver an event: webhook, Slack, e-mail, ..."""
     name: ClassVar[str]
     config_model: ClassVar[type[MethodConfig]]
+    # Whether attempts may run in a delivery process (reponotify.delivery_processes): only the
+    # method's config and the operator-wide settings are there, and the prepared target is pickled.
+    runs_in_delivery_process: ClassVar[bool] = True
 
     def prepare(self, config: MethodConfig) -> Any:
         """Turn a validated config into what :meth:`deliver` uses (compiled once per resource version)."""

@@ -29,6 +29,7 @@ class QuayNotificationConfig(MethodConfig):
 
 class QuayNotificationMethod(Method):
     name: ClassVar[str] = 'quay_notification'
+    runs_in_delivery_process: ClassVar[bool] = False  # it writes to this process's inbox and Kubernetes Events
     config_model: ClassVar[type[MethodConfig]] = QuayNotificationConfig
 
     async def deliver(self, target: Any, event: Event, context: DeliveryContext) -> AttemptResult:

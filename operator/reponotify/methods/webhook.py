@@ -184,6 +184,17 @@ class WebhookTarget:
     template: BodyTemplate | None
     ssl_context: ssl.SSLContext | None = dataclasses.field(default=None, repr=False)
     signing_key: bytes | None = dataclasses.field(default=None, repr=False)
+    tls: TlsConfig | None = dataclasses.field(default=None, repr=False)  # what ssl_context was built from
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled for a delivery process: an SSLContext cannot be, so it is built again there from the PEM.
+        return _webhook_target, (self.url, self.template, self.signing_key, self.tls)
+
+
+def _webhook_target(url: pydantic.SecretStr, template: BodyTemplate | None, signing_key: bytes | None,
+                    tls: TlsConfig | None) -> WebhookTarget:
+    return WebhookTarget(url=url, template=template, signing_key=signing_key, tls=tls,
+                         ssl_context=build_ssl_context(tls) if tls is not None else None)
 
 
 def signature_headers(key: bytes, delivery_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
@@ -210,11 +221,14 @@ class WebhookMethod(Method):
             template=template,
             ssl_context=build_ssl_context(config.tls) if config.tls is not None else None,
             signing_key=signing_key(config.signingSecret) if config.signingSecret is not None else None,
+            tls=config.tls,
         )
 
     async def deliver(self, target: Any, event: Event, context: DeliveryContext) -> AttemptResult:
-        body = target.template.render(event.payload) if target.template else event.payload
-        data = json.dumps(body).encode()
+        if target.template:
+            data = json.dumps(target.template.render(event.payload)).encode()
+        else:  # the payload as the outbox stored it: serialised once per event, not once per delivery
+            data = event.payload_json.encode()
         headers = signature_headers(target.signing_key, context.delivery_id, data) if target.signing_key else None
         return await post_json(context, target.url.get_secret_value(), data, headers=headers,
                                ssl=target.ssl_context or True, what='webhook target')

@@ -1,0 +1,186 @@
+"""
+Delivery processes (``--delivery-processes N``): attempts made in child processes.
+
+tests/test_delivery.py runs every delivery rule through one delivery process as well; here
+is what only a child process can get wrong: the TLS material and signing key crossing the
+process boundary, a child dying mid-attempt, the SSRF guard holding there, methods that must
+stay in the operator's process, and secrets never reaching a command line.
+"""
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import standardwebhooks
+from conftest import HttpTarget, Reply, eventually
+from reponotify.delivery_processes import EXITED_MESSAGE
+from reponotify.dispatcher import DispatcherSettings
+from reponotify.engine import Engine, EngineSettings
+from reponotify.events import sample_payload
+from reponotify.notifications import NotificationKey, SecretSource, compile_notification
+from reponotify.outbox import Outbox
+from reponotify.standalone import ManifestSecrets
+from reponotify.status import ReadyCondition
+from reponotify.targets import TargetPolicy
+from test_secure_webhooks import (CA_REF, CLIENT_REF, SIGNING_REF, SIGNING_SECRET, HttpsTarget, Pki,  # noqa: F401
+                                  Secrets, https_target, pki, secrets)
+
+KEY = NotificationKey('team-a', 'hook')
+
+
+class NullSink:
+    async def write(self, *_: object) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def engine_with(spec: dict[str, Any], secrets: SecretSource | None = None, *,
+                      outbox: pathlib.Path | str = ':memory:', grace: float = 0.0,
+                      **dispatcher: Any) -> AsyncIterator[Engine]:
+    settings = DispatcherSettings(**{'workers': 4, 'retry_schedule': (0.01, 0.01), 'delivery_processes': 1,
+                                     **dispatcher})
+    engine = Engine(EngineSettings(dispatcher=settings, status_interval=0.0), outbox_path=outbox)
+    engine.put_notification(await compile_notification(KEY, spec, secrets or ManifestSecrets({})))
+    engine.book.set_spec_condition(KEY, ReadyCondition('True', 'Accepted', 'routed'))
+    await engine.start(NullSink())
+    try:
+        yield engine
+    finally:
+        await engine.stop(grace)
+
+
+def webhook(url: str, **config: Any) -> dict[str, Any]:
+    return {'repository': 'acme/web', 'event': 'repo_push', 'method': 'webhook', 'config': {'url': url, **config}}
+
+
+async def last_delivery(engine: Engine, *outcomes: str, attempts: int | None = None) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        last = engine.book.status(KEY).get('lastDelivery')
+        if last and last['outcome'] in outcomes and attempts in (None, last['attempts']):
+            return last
+        return None
+    return await eventually(reached, f"a delivery {'/'.join(outcomes)}")
+
+
+def pids(engine: Engine) -> list[int]:
+    processes = engine.dispatcher.processes
+    assert processes is not None
+    return processes.pids
+
+
+async def test_mutual_tls_and_signing_work_in_a_delivery_process(https_target: HttpsTarget, pki: Pki,
+                                                                 secrets: Secrets) -> None:
+    # The SSLContext cannot be pickled: the child builds it again from the PEM it is sent.
+    spec = webhook(f'{https_target.url}/hook', tls={**CA_REF, **CLIENT_REF}, **SIGNING_REF)
+    async with engine_with(spec, secrets) as engine:
+        [child] = pids(engine)
+        assert child != os.getpid()
+        await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
+        [request] = await https_target.wait_for(1, '/hook')
+        last = await last_delivery(engine, 'Succeeded')
+    assert last['message'] == "webhook target answered 200"
+    [peer] = https_target.peers
+    assert peer['subjectAltName'] == (('DNS', 'hooks.reponotify.test'),)  # the client certificate
+    assert request.body == json.dumps(sample_payload('repo_push', 'acme/web')).encode()  # the exact bytes
+    verified = standardwebhooks.Webhook(SIGNING_SECRET).verify(request.body, request.headers)
+    assert verified == sample_payload('repo_push', 'acme/web')
+
+
+async def test_a_delivery_process_killed_mid_attempt_is_a_retried_failure_and_is_replaced(
+        http_target: HttpTarget) -> None:
+    http_target.script('/hook', Reply(delay=3), Reply())  # the first attempt hangs until the child is killed
+    async with engine_with(webhook(f'{http_target.url}/hook')) as engine:
+        [child] = pids(engine)
+        accepted = await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
+        await http_target.wait_for(1, '/hook')
+        os.kill(child, signal.SIGKILL)
+        retrying = await last_delivery(engine, 'Retrying', 'Succeeded', attempts=1)
+        succeeded = await last_delivery(engine, 'Succeeded')
+        [replacement] = pids(engine)
+    assert retrying['outcome'] == 'Retrying'
+    assert retrying['message'].startswith(f"{EXITED_MESSAGE}; retrying in ")
+    assert (succeeded['eventId'], succeeded['attempts']) == (accepted.id, 2)
+    assert replacement != child
+    assert engine.book.status(KEY)['deliveries'] == {'succeeded': 1, 'failed': 0, 'dropped': 0}
+
+
+async def test_the_ssrf_guard_holds_in_a_delivery_process(http_target: HttpTarget) -> None:
+    async with engine_with(webhook(f'http://127.0.0.1:{http_target.port}/hook'),
+                           target_policy=TargetPolicy.parse('')) as engine:
+        await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
+        failed = await last_delivery(engine, 'Failed')
+    assert failed['message'] == ("target refused: 127.0.0.1 is a loopback address "
+                                 "(an operator may allow it with --allow-targets)")
+    assert failed['attempts'] == 1
+    assert http_target.requests == []
+
+
+async def test_quay_notifications_stay_in_the_operator_process() -> None:
+    # The inbox is this process's: a child could not write to it.
+    spec = {'repository': 'acme/web', 'event': 'repo_push', 'method': 'quay_notification',
+            'config': {'target': {'kind': 'team', 'name': 'owners'}}}
+    async with engine_with(spec) as engine:
+        await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
+        await last_delivery(engine, 'Succeeded')
+        [entry] = engine.inbox.latest('team', 'owners')
+    assert (entry.event, entry.repository, entry.notification) == ('repo_push', 'acme/web', 'team-a/hook')
+
+
+async def test_no_secret_reaches_a_delivery_process_command_line(http_target: HttpTarget) -> None:
+    async with engine_with(webhook(f'http://user:s3cret-password@127.0.0.1:{http_target.port}/hook')) as engine:
+        [child] = pids(engine)
+        await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
+        await last_delivery(engine, 'Succeeded')
+        command = pathlib.Path(f'/proc/{child}/cmdline').read_bytes().split(b'\0')[:-1]
+    assert command[:3] == [sys.executable.encode(), b'-m', b'reponotify.delivery_processes']
+    assert len(command) == 4 and command[3].isdigit()
+    [request] = http_target.on('/hook')
+    assert request.headers['Authorization'] == 'Basic dXNlcjpzM2NyZXQtcGFzc3dvcmQ='
+
+
+async def test_a_graceful_stop_waits_for_attempts_in_a_delivery_process(http_target: HttpTarget,
+                                                                         tmp_path: pathlib.Path) -> None:
+    http_target.script('/slow', Reply(delay=0.5))
+    database = tmp_path / 'outbox.sqlite3'
+    async with engine_with(webhook(f'{http_target.url}/slow'), outbox=database, grace=10) as engine:
+        await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
+        await http_target.wait_for(1, '/slow')
+    # stop() returned: the attempt finished within the grace period and its outcome is recorded.
+    assert engine.book.status(KEY)['deliveries'] == {'succeeded': 1, 'failed': 0, 'dropped': 0}
+    reopened = Outbox(database)
+    assert await reopened.open() == 0
+    await reopened.close()
+
+
+async def test_an_attempt_cut_short_by_the_stop_stays_in_the_outbox(http_target: HttpTarget,
+                                                                    tmp_path: pathlib.Path) -> None:
+    http_target.script('/slow', Reply(delay=5))
+    database = tmp_path / 'outbox.sqlite3'
+    async with engine_with(webhook(f'{http_target.url}/slow'), outbox=database, grace=0.2) as engine:
+        await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
+        await http_target.wait_for(1, '/slow')
+        [child] = pids(engine)
+    assert not pathlib.Path(f'/proc/{child}').exists() or _zombie(child)  # the child is gone too
+    reopened = Outbox(database)
+    assert await reopened.open() == 1
+    delivery = await reopened.take()
+    assert (delivery.key, delivery.attempts) == (KEY, 0)
+    await reopened.close()
+
+
+def _zombie(pid: int) -> bool:
+    return pathlib.Path(f'/proc/{pid}/stat').read_text().split()[2] == 'Z'
+
+
+async def test_a_deleted_notification_is_forgotten_by_the_delivery_processes(http_target: HttpTarget) -> None:
+    async with engine_with(webhook(f'{http_target.url}/hook')) as engine:
+        await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
+        await last_delivery(engine, 'Succeeded')
+        processes = engine.dispatcher.processes
+        assert processes is not None and processes.holds(KEY)
+        engine.remove_notification(KEY)
+        assert not processes.holds(KEY)
