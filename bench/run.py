@@ -58,6 +58,7 @@ class Sizes:
     status_events: int
     recovery_pending: int
     delivery_processes: int = 1  # the process model measured: reponotify's --delivery-processes
+    event_loop: str = 'uvloop'  # reponotify's --event-loop
 
 
 FULL = Sizes(repeat=3, routing_sizes=(100, 10_000, 100_000), glob_share=0.05, wrk_seconds=5, latency_seconds=5,
@@ -86,7 +87,7 @@ def standalone(started: list[Process], folder: pathlib.Path, target: Target, siz
         [PYTHON, '-m', 'reponotify', 'standalone', '--manifests', str(manifests),
          '--state-dir', str(state or folder / f'{name}-state'), '--host', LOOPBACK, '--port', str(port),
          '--allow-targets', '127.0.0.0/8', '--workers', '64', '--per-target', '64',
-         '--delivery-processes', str(sizes.delivery_processes),
+         '--delivery-processes', str(sizes.delivery_processes), '--event-loop', sizes.event_loop,
          '--no-email-verification', '--log-level', 'warning'],
         name=name, log=folder / f'{name}.log')
     started.append(process)
@@ -253,7 +254,8 @@ def delivery(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                 work.mkdir()
                 result = run_json([PYTHON, str(BENCH / 'work.py'), 'delivery', '--mode', mode, '--count', str(count),
                                    '--target', target.url, '--folder', str(work),
-                                   '--delivery-processes', str(sizes.delivery_processes)],
+                                   '--delivery-processes', str(sizes.delivery_processes),
+                                   '--event-loop', sizes.event_loop],
                                   timeout=300, name=f'delivery {mode}')
                 if result['received'] != count or result['succeeded'] != count:
                     raise BenchError(f"delivery {mode}: {result}")
@@ -494,12 +496,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--keep', action='store_true', help="keep the scratch folder (logs) for a look")
     parser.add_argument('--delivery-processes', type=int, default=None,
                         help="reponotify's --delivery-processes in every scenario that delivers (default: 1)")
+    parser.add_argument('--event-loop', choices=['uvloop', 'asyncio'], default=None,
+                        help="reponotify's --event-loop in every scenario that delivers (default: uvloop)")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     if args.repeat:
         sizes = dataclasses.replace(sizes, repeat=args.repeat)
     if args.delivery_processes is not None:
         sizes = dataclasses.replace(sizes, delivery_processes=args.delivery_processes)
+    if args.event_loop is not None:
+        sizes = dataclasses.replace(sizes, event_loop=args.event_loop)
     names = [name.strip() for name in args.only.split(',') if name.strip()] or list(SCENARIOS)
     unknown = set(names) - set(SCENARIOS)
     if unknown:

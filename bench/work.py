@@ -382,6 +382,7 @@ def main() -> None:
     p = sub.add_parser('delivery')
     p.add_argument('--mode', choices=['fanout', 'many'], required=True)
     p.add_argument('--delivery-processes', type=int, default=0)
+    p.add_argument('--event-loop', choices=['uvloop', 'asyncio'], default='uvloop')
     p.add_argument('--count', type=int, required=True)
     p.add_argument('--target', required=True)
     p.add_argument('--folder', required=True)
@@ -398,7 +399,8 @@ def main() -> None:
     args = parser.parse_args()
     command = {'routing': routing, 'memory': memory, 'delivery': delivery, 'status': status_load,
                'fill': fill}[args.command]
-    result = asyncio.run(command(args))
+    from reponotify.eventloop import run
+    result = run(command(args), getattr(args, 'event_loop', 'asyncio'))
     json.dump(result, sys.stdout)
     sys.stdout.write('\n')
 

@@ -55,7 +55,7 @@ spec:
 class Service:
     """``reponotify standalone`` as a child process on a fixed port and state folder."""
 
-    def __init__(self, manifests: pathlib.Path, state_dir: pathlib.Path) -> None:
+    def __init__(self, manifests: pathlib.Path, state_dir: pathlib.Path, delivery_processes: int = 0) -> None:
         self.port = free_port()
         self.url = f'http://127.0.0.1:{self.port}'
         self._command = [sys.executable, '-m', 'reponotify', 'standalone']
@@ -65,6 +65,7 @@ class Service:
             'REPONOTIFY_HOST': '127.0.0.1', 'REPONOTIFY_PORT': str(self.port),
             'REPONOTIFY_ALLOW_TARGETS': '127.0.0.1', 'REPONOTIFY_RETRY_SCHEDULE': '0.3s,0.3s,0.3s,0.3s',
             'REPONOTIFY_STATUS_INTERVAL': '0.1', 'REPONOTIFY_LOG_LEVEL': 'warning',
+            'REPONOTIFY_DELIVERY_PROCESSES': str(delivery_processes),  # on the default event loop, uvloop
         }
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -94,10 +95,12 @@ class Service:
             self.process.wait(timeout=20)
 
 
-@pytest.fixture
-def service(tmp_path: pathlib.Path, http_target: HttpTarget) -> Iterator[Service]:
+# Both process models: attempts in the process that is killed, and in a delivery process that
+# outlives it (it sees its parent's end of the socket close, and exits).
+@pytest.fixture(params=[0, 1], ids=['in-process', 'delivery-process'])
+def service(request: pytest.FixtureRequest, tmp_path: pathlib.Path, http_target: HttpTarget) -> Iterator[Service]:
     write_manifests(tmp_path / 'manifests', http_target.url)
-    running = Service(tmp_path / 'manifests', tmp_path / 'state')
+    running = Service(tmp_path / 'manifests', tmp_path / 'state', delivery_processes=request.param)
     yield running
     running.stop()
 

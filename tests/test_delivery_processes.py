@@ -137,7 +137,8 @@ async def test_no_secret_reaches_a_delivery_process_command_line(http_target: Ht
         await last_delivery(engine, 'Succeeded')
         command = pathlib.Path(f'/proc/{child}/cmdline').read_bytes().split(b'\0')[:-1]
     assert command[:3] == [sys.executable.encode(), b'-m', b'reponotify.delivery_processes']
-    assert len(command) == 4 and command[3].isdigit()
+    # The socket's descriptor and the event loop to run, nothing else.
+    assert len(command) == 5 and command[3].isdigit() and command[4] == b'asyncio'
     [request] = http_target.on('/hook')
     assert request.headers['Authorization'] == 'Basic dXNlcjpzM2NyZXQtcGFzc3dvcmQ='
 

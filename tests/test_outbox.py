@@ -248,9 +248,8 @@ async def test_a_new_file_gets_the_current_layout_and_keeps_what_is_pending(tmp_
     await reopened.close()
 
 
-async def test_a_late_write_of_a_finished_delivery_leaves_the_row_that_reuses_its_row_id(
+async def test_row_ids_are_not_reused_and_a_late_write_of_a_finished_delivery_changes_nothing(
         tmp_path: pathlib.Path) -> None:
-    # SQLite gives a new row the highest row id + 1: once the last row is deleted, its row id comes back.
     path = tmp_path / 'outbox.sqlite3'
     outbox = Outbox(path, clock=lambda: NOW)
     await outbox.open()
@@ -260,13 +259,36 @@ async def test_a_late_write_of_a_finished_delivery_leaves_the_row_that_reuses_it
         await outbox.complete(finished)
         await outbox.accept(new_event('repo_push', PUSH), [NotificationKey('ns', 'new')])
         [current] = await take_all(outbox, 1)
-        assert (current.seq, current.event_seq) == (finished.seq, finished.event_seq)  # the premise
-        await outbox.retry_later(finished, 100)  # a bug's late writes: they must not reach the new row
+        # SQLite alone would give the new rows the row ids just freed; the outbox hands out new ones.
+        assert current.seq != finished.seq and current.event_seq != finished.event_seq
+        await outbox.retry_later(finished, 100)  # a bug's late writes: they must not reach another row
         await outbox.complete(finished)
         await outbox.complete(finished)
     finally:
         await outbox.close()
     assert read_file(path)['deliveries'] == [(current.id, current.event.id, 'ns', 'new', 0, NOW)]
+
+
+async def test_row_ids_go_on_from_the_largest_on_disk_after_a_restart(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / 'outbox.sqlite3'
+    outbox = Outbox(path, clock=lambda: NOW)
+    await outbox.open()
+    try:
+        await outbox.accept(new_event('repo_push', PUSH), [NotificationKey('ns', 'a'), NotificationKey('ns', 'b')])
+        before = await take_all(outbox, 2)
+    finally:
+        await outbox.close()
+    reopened = Outbox(path, clock=lambda: NOW)
+    assert await reopened.open() == 2
+    try:
+        await reopened.accept(new_event('repo_push', PUSH), [NotificationKey('ns', 'c')])
+        pending = await take_all(reopened, 3)
+    finally:
+        await reopened.close()
+    [added] = [delivery for delivery in pending if delivery.key.name == 'c']
+    assert added.seq == max(d.seq for d in before if d.seq is not None) + 1
+    assert added.event_seq == before[0].event_seq + 1  # type: ignore[operator]
+    assert len(read_file(path)['deliveries']) == 3
 
 
 async def test_a_delivery_made_by_hand_has_no_row_and_compares_as_before() -> None:
@@ -292,3 +314,29 @@ def test_the_payload_is_serialised_once_and_not_part_of_the_event() -> None:
     assert 'payload_json' not in repr(event) and '_payload_json' not in repr(event)
     replaced = dataclasses.replace(event, payload={'repository': 'acme/other'})
     assert replaced.payload_json == '{"repository": "acme/other"}'
+
+
+async def test_an_idempotency_key_is_remembered_for_the_window_and_only_then(tmp_path: pathlib.Path) -> None:
+    now = [NOW]
+    path = tmp_path / 'outbox.sqlite3'
+    outbox = Outbox(path, clock=lambda: now[0], idempotency_window=10)
+    await outbox.open()
+    key = [NotificationKey('ns', 'hook')]
+    try:
+        first = await outbox.accept(new_event('repo_push', PUSH), key, idempotency_key='push-1')
+        now[0] += 9  # within the window: the same answer, nothing queued
+        again = await outbox.accept(new_event('repo_push', PUSH), key, idempotency_key='push-1')
+        assert (again.id, again.matched, again.replayed) == (first.id, 1, True)
+        now[0] += 11  # expired, though not deleted yet (expired keys are purged once a minute): accepted anew
+        later = await outbox.accept(new_event('repo_push', PUSH), key, idempotency_key='push-1')
+        assert (later.replayed, later.matched) == (False, 1) and later.id != first.id
+        now[0] += 1  # and the key now stands for the new event
+        replay = await outbox.accept(new_event('repo_push', PUSH), key, idempotency_key='push-1')
+        assert (replay.id, replay.replayed) == (later.id, True)
+        now[0] += 120  # the next batch after a minute deletes expired keys
+        await outbox.accept(new_event('repo_push', PUSH), key, idempotency_key='push-2')
+    finally:
+        await outbox.close()
+    db = sqlite3.connect(path)
+    assert db.execute('SELECT key FROM idempotency').fetchall() == [('push-2',)]
+    db.close()

@@ -12,7 +12,8 @@ attempts in flight. If it dies, each of those is a failed attempt, retried on th
 as a timeout would be (delivery stays at least once), and the child is started again.
 
 Parent and child talk over a socket pair, in length-prefixed pickled tuples; frames written
-in one loop turn go out in one system call. Settings (the SMTP password among them) travel
+in one loop turn go out in one system call, and every complete frame a read brings is handled
+at once. An event crosses as its payload's JSON text (``Event.payload_json``), not as a dict. Settings (the SMTP password among them) travel
 over that socket, never on the command line. A notification's prepared target (its URL and
 other secrets resolved) is sent to a child once per compiled version of the notification,
 then named by its key (and forgotten when the notification is deleted); the child makes
@@ -26,6 +27,7 @@ method raised (a bug: the child logs it; the parent handles it as it does an in-
 """
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import pickle
@@ -34,11 +36,13 @@ import socket
 import struct
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import aiohttp
 
-from reponotify.events import Event
+from reponotify.eventloop import DEFAULT_EVENT_LOOP, run, running_loop_name
+from reponotify.events import Event, event_from_json
 from reponotify.logs import configure_logging, logging_setup
 from reponotify.methods import METHODS, AttemptResult, DeliveryContext
 from reponotify.methods.base import Method, MethodSettings
@@ -71,46 +75,77 @@ class ChildSettings:
 
 # -- framing ---------------------------------------------------------------------------------------
 
-class _Channel:
-    """One end of the socket pair: frames written in one loop turn are sent together."""
+Handler = Callable[[tuple[Any, ...]], None]
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._buffer: list[bytes] = []
+
+class _Channel(asyncio.Protocol):
+    """
+    One end of the socket pair: frames written in one loop turn are sent together, and every
+    complete frame that one read brings is handed to ``handler`` at once.
+
+    A protocol rather than a StreamReader: two ``readexactly`` awaits per message (header,
+    body) cost more than the message itself at thousands of attempts per second.
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self._transport: asyncio.Transport | None = None
+        self._outgoing: list[bytes] = []
+        self._incoming = bytearray()
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def connect(cls, sock: socket.socket, handler: Handler) -> '_Channel':
+        _, channel = await asyncio.get_running_loop().connect_accepted_socket(lambda: cls(handler), sock)
+        return channel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport, though not always an asyncio.Transport subclass (uvloop's are not).
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._incoming
+        buffer += data
+        start = 0
+        while len(buffer) - start >= _HEADER.size:
+            end = start + _HEADER.size + _HEADER.unpack_from(buffer, start)[0]
+            if end > len(buffer):
+                break
+            self._handler(pickle.loads(memoryview(buffer)[start + _HEADER.size:end]))
+            start = end
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
 
     def send(self, message: tuple[Any, ...]) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        if not self._buffer:
+        if not self._outgoing:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._buffer.append(_HEADER.pack(len(data)))
-        self._buffer.append(data)
+        self._outgoing.append(_HEADER.pack(len(data)))
+        self._outgoing.append(data)
 
     def _flush(self) -> None:
-        if not self._writer.is_closing():
-            self._writer.write(b''.join(self._buffer))
-        self._buffer.clear()
-
-    async def receive(self) -> tuple[Any, ...] | None:
-        """The next message, or None once the other end has closed."""
-        try:
-            header = await self._reader.readexactly(_HEADER.size)
-            message: tuple[Any, ...] = pickle.loads(await self._reader.readexactly(_HEADER.unpack(header)[0]))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return None
-        return message
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b''.join(self._outgoing))
+        self._outgoing.clear()
 
     async def close(self) -> None:
         self._flush()
-        self._writer.close()
-        try:
-            await self._writer.wait_closed()
-        except ConnectionError:
-            pass
+        if self._transport is not None:
+            self._transport.close()
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        """Until the connection is closed (by either end); cancelling the waiter leaves it be."""
+        await asyncio.shield(self._closed)
 
 
 def _event_fields(event: Event) -> tuple[Any, ...]:
-    return event.id, event.kind, event.repository, event.payload, event.received_at
+    # The payload as the JSON text the event serialised once: a string pickles in a fraction of the
+    # time of the nested dict, and a webhook without a template sends that text as it is.
+    return event.id, event.kind, event.repository, event.payload_json, event.received_at
 
 
 def _names(key: NotificationKey) -> tuple[str, str]:
@@ -125,11 +160,10 @@ class _Child:
     """One delivery process as the parent sees it."""
     index: int
     process: asyncio.subprocess.Process
-    channel: _Channel
+    channel: _Channel | None = None  # set once connected (its handler needs this object)
     pending: dict[int, asyncio.Future[tuple[AttemptResult, float]]] = dataclasses.field(default_factory=dict)
     # The compiled notification whose target this child holds, per key: a new version is sent again.
     targets: dict[NotificationKey, Notification] = dataclasses.field(default_factory=dict)
-    reader: asyncio.Task[None] | None = None
 
 
 class DeliveryProcesses:
@@ -177,6 +211,7 @@ class DeliveryProcesses:
         if child is None:
             return AttemptResult(ok=False, message=NOT_RUNNING_MESSAGE), 0.0
         key = delivery.key
+        assert child.channel is not None  # connected before it is one of the running children
         if child.targets.get(key) is not notification:
             child.channel.send(('target', _names(key), notification.method.name, notification.target))
             child.targets[key] = notification
@@ -196,7 +231,7 @@ class DeliveryProcesses:
     def forget(self, key: NotificationKey) -> None:
         """A notification is gone: every child drops its target (and the secrets in it)."""
         for child in self._children:
-            if child is not None and child.targets.pop(key, None) is not None:
+            if child is not None and child.channel is not None and child.targets.pop(key, None) is not None:
                 child.channel.send(('forget', _names(key)))
 
     async def _choose(self, timeout: float) -> _Child | None:
@@ -218,39 +253,38 @@ class DeliveryProcesses:
         parent_end, child_end = socket.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, '-m', 'reponotify.delivery_processes', str(child_end.fileno()),
+                sys.executable, '-m', 'reponotify.delivery_processes', str(child_end.fileno()), running_loop_name(),
                 pass_fds=(child_end.fileno(),), stdin=asyncio.subprocess.DEVNULL)
         except BaseException:
             parent_end.close()
             raise
         finally:
             child_end.close()
-        reader, writer = await asyncio.open_connection(sock=parent_end)
-        child = _Child(index=index, process=process, channel=_Channel(reader, writer))
+        child = _Child(index=index, process=process)
+        child.channel = await _Channel.connect(parent_end, functools.partial(self._answer, child))
         child.channel.send(('settings', self._settings))
-        child.reader = asyncio.create_task(self._read(child), name=f'delivery-process-{index}-reader')
         logger.debug("Delivery process %d started (pid %d)", index, process.pid)
         async with self._ready:
             self._ready.notify_all()
         return child
 
-    async def _read(self, child: _Child) -> None:
-        """Hand each answer to the attempt waiting for it, until the child's end closes."""
-        while (message := await child.channel.receive()) is not None:
-            future = child.pending.get(message[1])
-            if future is None or future.done():  # its attempt was cancelled meanwhile
-                continue
-            if message[0] == 'result':
-                future.set_result((message[2], message[3]))
-            else:
-                future.set_exception(DeliveryProcessError("the method raised in a delivery process (see its log)"))
+    @staticmethod
+    def _answer(child: _Child, message: tuple[Any, ...]) -> None:
+        """Hand an answer to the attempt waiting for it."""
+        future = child.pending.get(message[1])
+        if future is None or future.done():  # its attempt was cancelled meanwhile
+            return
+        if message[0] == 'result':
+            future.set_result((message[2], message[3]))
+        else:
+            future.set_exception(DeliveryProcessError("the method raised in a delivery process (see its log)"))
 
     async def _keep(self, index: int) -> None:
         """Restart the child in slot ``index`` whenever it exits, failing its attempts in flight."""
         while True:
             child = self._children[index]
-            assert child is not None and child.reader is not None
-            await child.reader
+            assert child is not None and child.channel is not None
+            await child.channel.wait_closed()
             code = await child.process.wait()
             self._children[index] = None
             logger.error("Delivery process %d (pid %d) exited with code %s; %d attempts in flight are retried",
@@ -258,22 +292,19 @@ class DeliveryProcesses:
             for future in child.pending.values():
                 if not future.done():
                     future.set_result((AttemptResult(ok=False, message=EXITED_MESSAGE), 0.0))
-            await child.channel.close()
             await asyncio.sleep(RESTART_DELAY)
             self._children[index] = await self._spawn(index)
 
     @staticmethod
     async def _close(child: _Child) -> None:
-        await child.channel.close()  # the child sees the end of its input and exits
+        if child.channel is not None:
+            await child.channel.close()  # the child sees the end of its input and exits
         try:
             async with asyncio.timeout(5):
                 await child.process.wait()
         except TimeoutError:
             child.process.kill()
             await child.process.wait()
-        if child.reader is not None:
-            child.reader.cancel()
-            await asyncio.gather(child.reader, return_exceptions=True)
         for future in child.pending.values():
             if not future.done():
                 future.cancel()
@@ -281,52 +312,70 @@ class DeliveryProcesses:
 
 # -- child side ------------------------------------------------------------------------------------
 
-async def _serve(descriptor: int) -> None:
-    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=descriptor))
-    channel = _Channel(reader, writer)
-    first = await channel.receive()
-    if first is None:
-        return
-    settings: ChildSettings = first[1]
-    configure_logging(settings.log_level, settings.log_format)
-    connector: aiohttp.TCPConnector
-    if settings.target_policy is not None:
-        connector = GuardedConnector(settings.target_policy, limit=settings.connections)
-    else:
-        connector = aiohttp.TCPConnector(limit=settings.connections)
-    targets: dict[tuple[str, str], tuple[Method, Any]] = {}  # (namespace, name) -> method, target
-    attempts: set[asyncio.Task[None]] = set()
-    async with aiohttp.ClientSession(connector=connector, trust_env=False) as http:
-        while (message := await channel.receive()) is not None:
-            if message[0] == 'target':
-                _, key, method_name, target = message
-                targets[key] = (METHODS[method_name], target)
-            elif message[0] == 'forget':
-                targets.pop(message[1], None)
-            else:
-                _, sequence, key, delivery_id, fields, timeout = message
-                method, target = targets[key]
-                context = DeliveryContext(http=http, delivery_id=delivery_id, timeout=timeout,
-                                          settings=settings.methods, notification=key)
-                task = asyncio.create_task(_attempt(channel, sequence, method, target, Event(*fields), context))
-                attempts.add(task)
-                task.add_done_callback(attempts.discard)
-        for task in attempts:  # the parent has closed: it no longer waits for these
+class _Server:
+    """A delivery process's side: makes each attempt it is sent and answers how it went."""
+
+    def __init__(self) -> None:
+        self.channel: _Channel | None = None
+        self._settings: ChildSettings | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._targets: dict[tuple[str, str], tuple[Method, Any]] = {}  # (namespace, name) -> method, target
+        self._attempts: set[asyncio.Task[None]] = set()
+
+    def handle(self, message: tuple[Any, ...]) -> None:
+        if message[0] == 'attempt':
+            _, sequence, key, delivery_id, fields, timeout = message
+            method, target = self._targets[key]
+            assert self._http is not None and self._settings is not None, "no settings before the first attempt"
+            context = DeliveryContext(http=self._http, delivery_id=delivery_id, timeout=timeout,
+                                      settings=self._settings.methods, notification=key)
+            task = asyncio.create_task(self._attempt(sequence, method, target, event_from_json(*fields), context))
+            self._attempts.add(task)
+            task.add_done_callback(self._attempts.discard)
+        elif message[0] == 'target':
+            _, key, method_name, target = message
+            self._targets[key] = (METHODS[method_name], target)
+        elif message[0] == 'forget':
+            self._targets.pop(message[1], None)
+        elif message[0] == 'settings':
+            self._start(message[1])
+
+    def _start(self, settings: ChildSettings) -> None:
+        self._settings = settings
+        configure_logging(settings.log_level, settings.log_format)
+        connector: aiohttp.TCPConnector
+        if settings.target_policy is not None:
+            connector = GuardedConnector(settings.target_policy, limit=settings.connections)
+        else:
+            connector = aiohttp.TCPConnector(limit=settings.connections)
+        self._http = aiohttp.ClientSession(connector=connector, trust_env=False)
+
+    async def _attempt(self, sequence: int, method: Method, target: Any, event: Event,
+                       context: DeliveryContext) -> None:
+        assert self.channel is not None
+        started = time.monotonic()
+        try:
+            result = await method.deliver(target, event, context)
+        except Exception:  # a bug must not kill the process; the parent retries as for one of its own
+            logger.exception("Unexpected error delivering %s to %s/%s", context.delivery_id, *context.notification)
+            self.channel.send(('error', sequence))
+            return
+        self.channel.send(('result', sequence, result, time.monotonic() - started))
+
+    async def close(self) -> None:
+        """The parent has closed its end: it no longer waits for the attempts in flight."""
+        for task in self._attempts:
             task.cancel()
-        await asyncio.gather(*attempts, return_exceptions=True)
-    await channel.close()
+        await asyncio.gather(*self._attempts, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
 
 
-async def _attempt(channel: _Channel, sequence: int, method: Method, target: Any, event: Event,
-                   context: DeliveryContext) -> None:
-    started = time.monotonic()
-    try:
-        result = await method.deliver(target, event, context)
-    except Exception:  # a bug must not kill the process; the parent retries as for one of its own
-        logger.exception("Unexpected error delivering %s to %s/%s", context.delivery_id, *context.notification)
-        channel.send(('error', sequence))
-        return
-    channel.send(('result', sequence, result, time.monotonic() - started))
+async def _serve(descriptor: int) -> None:
+    server = _Server()
+    server.channel = await _Channel.connect(socket.socket(fileno=descriptor), server.handle)
+    await server.channel.wait_closed()
+    await server.close()
 
 
 def main() -> None:
@@ -334,7 +383,7 @@ def main() -> None:
     # closes the socket after its grace period), so attempts in flight are not cut short here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    asyncio.run(_serve(int(sys.argv[1])))
+    run(_serve(int(sys.argv[1])), sys.argv[2] if len(sys.argv) > 2 else DEFAULT_EVENT_LOOP)
 
 
 def child_settings(methods: MethodSettings, target_policy: TargetPolicy | None, connections: int) -> ChildSettings:

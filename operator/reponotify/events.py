@@ -162,6 +162,15 @@ def new_event(kind: str, payload: Payload, *, event_id: str | None = None) -> Ev
     )
 
 
+def event_from_json(event_id: str, kind: str, repository: str, payload_json: str,
+                    received_at: datetime.datetime) -> Event:
+    """An event made again from its payload's JSON text (``Event.payload_json``), which it keeps."""
+    event = Event(id=event_id, kind=kind, repository=repository, payload=json.loads(payload_json),
+                  received_at=received_at)
+    object.__setattr__(event, '_payload_json', payload_json)  # as the payload_json property stores it
+    return event
+
+
 def sample_payload(kind: str, repository: str | None = None) -> dict[str, Any]:
     """
     The sample payload of an event kind, optionally re-targeted at a repository.

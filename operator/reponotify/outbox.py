@@ -25,6 +25,9 @@ random UUIDs land all over it. Measured on the exact statements (WAL,
 ``synchronous=FULL``, batches of 64), inserting one event and one delivery cost
 ~90 us of CPU with UUID keys and ~30 us with row ids; deleting them, ~50 us and
 ~12 us. The UUIDs are still stored (``id``): the delivery's is its ``webhook-id``.
+The outbox hands the row ids out itself (it is the file's one writer), so a batch
+writes each kind of row with one ``executemany``, with no ``lastrowid`` to read
+back per row.
 The payload is stored as the event serialised it once (``Event.payload_json``),
 the same text a webhook without a template sends.
 
@@ -40,7 +43,6 @@ import dataclasses
 import datetime
 import heapq
 import itertools
-import json
 import pathlib
 import sqlite3
 import time
@@ -48,7 +50,7 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from reponotify.events import Event
+from reponotify.events import Event, event_from_json
 from reponotify.notifications import NotificationKey
 
 Clock = Callable[[], float]
@@ -149,6 +151,37 @@ class _Submission:
     future: asyncio.Future[Any] | None = None
 
 
+IDEMPOTENCY_PURGE_INTERVAL = 60.0  # seconds between deletions of expired Idempotency-Keys
+
+
+@dataclasses.dataclass
+class _Rows:
+    """The rows one batch writes, each kind with one statement (see Outbox._commit)."""
+    events: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    deliveries: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    updates: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    deletes: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    emptied: dict[int, str] = dataclasses.field(default_factory=dict)  # events whose deliveries went
+
+    def write(self, db: sqlite3.Connection) -> None:
+        # Rows are found by row id; the UUID in the WHERE costs nothing more (the row is already found)
+        # and keeps a late write (a bug) from touching a row that is not its own.
+        if self.events:
+            db.executemany('INSERT INTO events (seq, id, kind, repository, payload, received_at) '
+                           'VALUES (?, ?, ?, ?, ?, ?)', self.events)
+        if self.deliveries:
+            db.executemany('INSERT INTO deliveries (seq, id, event_seq, namespace, name, attempts, due) '
+                           'VALUES (?, ?, ?, ?, ?, 0, ?)', self.deliveries)
+        if self.updates:
+            db.executemany('UPDATE deliveries SET attempts = ?, due = ? WHERE seq = ? AND id = ?', self.updates)
+        if self.deletes:
+            db.executemany('DELETE FROM deliveries WHERE seq = ? AND id = ?', self.deletes)
+            # An event goes with its last delivery: once per event, however many of its deliveries went.
+            db.executemany('DELETE FROM events WHERE seq = ? AND id = ? '
+                           'AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_seq = ?)',
+                           [(seq, event_id, seq) for seq, event_id in self.emptied.items()])
+
+
 class Outbox:
     """Pending deliveries on disk, with an in-memory schedule of what is due when."""
 
@@ -163,6 +196,11 @@ class Outbox:
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='outbox')
         self._heap: list[tuple[float, int, PendingDelivery]] = []
         self._sequence = itertools.count()
+        # Row ids, handed out here (one writer: this outbox) so that a batch's rows go in with one
+        # executemany and no lastrowid each; counted on from the largest on disk at open.
+        self._event_seqs = itertools.count(1)
+        self._delivery_seqs = itertools.count(1)
+        self._purged = float('-inf')  # when expired idempotency keys were last deleted
         self._pending: dict[str, PendingDelivery] = {}
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()  # idle takers
         self._submissions: list[_Submission] = []
@@ -212,6 +250,9 @@ class Outbox:
                 raise sqlite3.DatabaseError(f"integrity check failed: {check}")
             self._prepare(db)
             rows = db.execute(PENDING).fetchall()
+            self._event_seqs = itertools.count(db.execute('SELECT coalesce(max(seq), 0) + 1 FROM events').fetchone()[0])
+            self._delivery_seqs = itertools.count(
+                db.execute('SELECT coalesce(max(seq), 0) + 1 FROM deliveries').fetchone()[0])
         except sqlite3.DatabaseError as exc:
             if db is not None:
                 db.close()
@@ -228,9 +269,8 @@ class Outbox:
              received_at) in rows:
             event = events.get(event_seq)
             if event is None:
-                event = events[event_seq] = Event(
-                    id=event_id, kind=kind, repository=repository, payload=json.loads(payload),
-                    received_at=datetime.datetime.fromisoformat(received_at))
+                event = events[event_seq] = event_from_json(
+                    event_id, kind, repository, payload, datetime.datetime.fromisoformat(received_at))
             deliveries.append(PendingDelivery(event=event, key=NotificationKey(namespace, name), id=delivery_id,
                                               attempts=attempts, due=due, seq=seq, event_seq=event_seq))
         return deliveries
@@ -307,22 +347,40 @@ class Outbox:
                         submission.future.set_result(result)
 
     def _commit(self, batch: list[_Submission]) -> list[Any]:
-        """Write a batch in one transaction (one fsync), in submission order."""
+        """
+        Write a batch in one transaction (one fsync), with the effect of writing it in submission order.
+
+        Idempotency keys are checked and recorded one submission at a time (a later request of the
+        batch must see an earlier one's key); the rows of events and deliveries are then written with
+        one ``executemany`` per statement. That order is the submission order's effect: a delivery is
+        updated or deleted only after its accept has committed (an earlier batch), and within a batch
+        its update comes before its delete. Few statements matter beyond their cost: each one hands
+        the GIL back and forth between this thread and the event loop.
+        """
         db = self._database()
         now = self._clock()
+        rows = _Rows()
         results: list[Any] = []
         db.execute('BEGIN IMMEDIATE')
         try:
-            db.execute('DELETE FROM idempotency WHERE created < ?', (now - self._idempotency_window,))
+            if now - self._purged >= IDEMPOTENCY_PURGE_INTERVAL:  # expired keys are ignored meanwhile
+                db.execute('DELETE FROM idempotency WHERE created < ?', (now - self._idempotency_window,))
+                self._purged = now
             for submission in batch:
                 if submission.action == 'accept':
-                    results.append(self._insert(db, submission, now))
-                elif submission.action == 'update':
-                    assert submission.delivery is not None
-                    results.append(self._update(db, submission.delivery))
-                else:
-                    assert submission.delivery is not None
-                    results.append(self._delete(db, submission.delivery))
+                    results.append(self._accept_one(db, submission, now, rows))
+                    continue
+                delivery = submission.delivery
+                assert delivery is not None
+                # A delivery with no row (never written) has nothing to update or delete.
+                if delivery.seq is not None and delivery.event_seq is not None:
+                    if submission.action == 'update':
+                        rows.updates.append((delivery.attempts, delivery.due, delivery.seq, delivery.id))
+                    else:
+                        rows.deletes.append((delivery.seq, delivery.id))
+                        rows.emptied[delivery.event_seq] = delivery.event.id
+                results.append(None)
+            rows.write(db)
             db.execute('COMMIT')
         except BaseException:
             if db.in_transaction:  # some errors (a full disk) have rolled it back already: keep the real one
@@ -330,35 +388,37 @@ class Outbox:
             raise
         return results
 
-    def _insert(self, db: sqlite3.Connection, submission: _Submission,
-                now: float) -> tuple[Accepted, list[PendingDelivery]]:
+    def _accept_one(self, db: sqlite3.Connection, submission: _Submission, now: float,
+                    rows: '_Rows') -> tuple[Accepted, list[PendingDelivery]]:
         event = submission.event
+        oldest = now - self._idempotency_window  # older keys are expired, whether deleted yet or not
         if submission.idempotency_key is not None:
-            row = db.execute('SELECT event_id, matched FROM idempotency WHERE key = ?',
-                             (submission.idempotency_key,)).fetchone()
+            row = db.execute('SELECT event_id, matched FROM idempotency WHERE key = ? AND created >= ?',
+                             (submission.idempotency_key, oldest)).fetchone()
             if row is not None:
                 return Accepted(id=row[0], matched=row[1], replayed=True), []
         claims = [claim for claim in dict.fromkeys(submission.claims) if claim != submission.idempotency_key]
         taken = tuple(claim for claim in claims
-                      if db.execute('SELECT 1 FROM idempotency WHERE key = ?', (claim,)).fetchone())
+                      if db.execute('SELECT 1 FROM idempotency WHERE key = ? AND created >= ?',
+                                    (claim, oldest)).fetchone())
         if taken:
             return Accepted(id=event.id, matched=0, taken=taken), []
         if submission.idempotency_key is not None:
             claims.insert(0, submission.idempotency_key)
-        db.executemany('INSERT INTO idempotency (key, event_id, matched, created) VALUES (?, ?, ?, ?)',
-                       [(key, event.id, len(submission.keys), now) for key in claims])
+        if claims:
+            # OR REPLACE: an expired key may still be on disk until the next purge; a live one was found above.
+            db.executemany('INSERT OR REPLACE INTO idempotency (key, event_id, matched, created) VALUES (?, ?, ?, ?)',
+                           [(key, event.id, len(submission.keys), now) for key in claims])
         deliveries = [PendingDelivery(event=event, key=key, due=now) for key in submission.keys]
         if deliveries:
-            event_seq = db.execute(
-                'INSERT INTO events (id, kind, repository, payload, received_at) VALUES (?, ?, ?, ?, ?)',
-                (event.id, event.kind, event.repository, event.payload_json, event.received_at.isoformat()),
-            ).lastrowid
-            # One statement per delivery, not executemany: each needs its row id back (lastrowid).
+            event_seq = next(self._event_seqs)
+            rows.events.append((event_seq, event.id, event.kind, event.repository, event.payload_json,
+                                event.received_at.isoformat()))
             for delivery in deliveries:
                 delivery.event_seq = event_seq
-                delivery.seq = db.execute(
-                    'INSERT INTO deliveries (id, event_seq, namespace, name, attempts, due) VALUES (?, ?, ?, ?, 0, ?)',
-                    (delivery.id, event_seq, delivery.key.namespace, delivery.key.name, now)).lastrowid
+                delivery.seq = next(self._delivery_seqs)
+                rows.deliveries.append((delivery.seq, delivery.id, event_seq, delivery.key.namespace,
+                                        delivery.key.name, now))
         return Accepted(id=event.id, matched=len(deliveries)), deliveries
 
     # -- dispatching -----------------------------------------------------------------------------
@@ -432,25 +492,6 @@ class Outbox:
     def oldest_due(self) -> float | None:
         """When the longest-waiting pending delivery was due (for metrics), or None if none is."""
         return min((delivery.due for delivery in self._pending.values()), default=None)
-
-    # Rows are found by row id; the id in the WHERE costs nothing more (the row is already found) and
-    # keeps a late write from touching another row: SQLite reuses the highest row id once it is deleted.
-    # A delivery with no row (never written) has nothing to update or delete.
-
-    @staticmethod
-    def _update(db: sqlite3.Connection, delivery: PendingDelivery) -> None:
-        if delivery.seq is not None:
-            db.execute('UPDATE deliveries SET attempts = ?, due = ? WHERE seq = ? AND id = ?',
-                       (delivery.attempts, delivery.due, delivery.seq, delivery.id))
-
-    @staticmethod
-    def _delete(db: sqlite3.Connection, delivery: PendingDelivery) -> None:
-        if delivery.seq is None:
-            return
-        db.execute('DELETE FROM deliveries WHERE seq = ? AND id = ?', (delivery.seq, delivery.id))
-        db.execute('DELETE FROM events WHERE seq = ? AND id = ? '
-                   'AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_seq = ?)',
-                   (delivery.event_seq, delivery.event.id, delivery.event_seq))
 
     # -- helpers ---------------------------------------------------------------------------------
 
