@@ -173,6 +173,18 @@ async def test_redirects_are_not_followed(http_target, tmp_path) -> None:
     assert [request.path for request in http_target.requests] == ['/hook']
 
 
+async def test_cookies_a_target_sets_are_never_sent_back(http_target, tmp_path) -> None:
+    # Deliveries are independent POSTs, not a browsing session: a target's Set-Cookie is not kept
+    # (and not sent with the next event), whichever process made the attempt.
+    # By host name: aiohttp's default jar would ignore cookies from an IP address anyway.
+    http_target.script('/hook', Reply(headers={'Set-Cookie': 'session=abc123; Path=/'}))
+    async with running(tmp_path, webhook(f'http://localhost:{http_target.port}/hook')) as engine:
+        await outcome(engine, await push(engine), 'Succeeded')
+        await outcome(engine, await push(engine), 'Succeeded')
+    first, second = http_target.on('/hook')
+    assert 'Cookie' not in first.headers and 'Cookie' not in second.headers
+
+
 @pytest.mark.parametrize('code', [408, 429, 500, 502, 503])
 async def test_retryable_codes_are_retried_until_success(http_target, tmp_path, code: int) -> None:
     http_target.script('/hook', Reply(status=code), Reply(status=200))

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 import standardwebhooks
 from conftest import HttpTarget, Reply, eventually
-from reponotify.delivery_processes import EXITED_MESSAGE
+from reponotify.delivery_processes import EXITED_MESSAGE, DeliveryProcessError, DeliveryProcesses, child_settings
 from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import Engine, EngineSettings
 from reponotify.events import sample_payload
+from reponotify.methods.base import MethodSettings
 from reponotify.notifications import NotificationKey, SecretSource, compile_notification
 from reponotify.outbox import Outbox
 from reponotify.standalone import ManifestSecrets
@@ -106,6 +107,30 @@ async def test_a_delivery_process_killed_mid_attempt_is_a_retried_failure_and_is
     assert (succeeded['eventId'], succeeded['attempts']) == (accepted.id, 2)
     assert replacement != child
     assert engine.book.status(KEY)['deliveries'] == {'succeeded': 1, 'failed': 0, 'dropped': 0}
+
+
+async def test_start_waits_until_the_child_is_ready(http_target: HttpTarget) -> None:
+    # Ready means imported and answering: the first attempts do not wait for a child's imports.
+    async with engine_with(webhook(f'{http_target.url}/hook')) as engine:
+        [child] = pids(engine)
+        modules = pathlib.Path(f'/proc/{child}/maps').read_text()
+        assert '_http_parser' in modules  # aiohttp's C parser: loaded before start() returned
+        await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
+        await last_delivery(engine, 'Succeeded')
+
+
+async def test_a_child_that_cannot_start_is_a_clear_error(tmp_path: pathlib.Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A broken installation, as the child sees it: an aiohttp that fails to import.
+    (tmp_path / 'aiohttp').mkdir()
+    (tmp_path / 'aiohttp' / '__init__.py').write_text('raise ImportError("broken on purpose")\n')
+    monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+    processes = DeliveryProcesses(1, child_settings(MethodSettings(), None, connections=4))
+    with pytest.raises(DeliveryProcessError) as error:
+        await processes.start()
+    assert str(error.value) == "delivery process 0 did not start (exit code 1; see its log)"
+    assert processes.pids == []
+    await processes.stop()
 
 
 async def test_the_ssrf_guard_holds_in_a_delivery_process(http_target: HttpTarget) -> None:

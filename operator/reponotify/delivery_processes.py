@@ -48,13 +48,14 @@ from reponotify.methods import METHODS, AttemptResult, DeliveryContext
 from reponotify.methods.base import Method, MethodSettings
 from reponotify.notifications import Notification, NotificationKey
 from reponotify.outbox import PendingDelivery
-from reponotify.targets import GuardedConnector, TargetPolicy
+from reponotify.targets import TargetPolicy, delivery_session
 
 logger = logging.getLogger(__name__)
 
 EXITED_MESSAGE = "the delivery process exited during the attempt"
 NOT_RUNNING_MESSAGE = "no delivery process is running"
 RESTART_DELAY = 1.0  # seconds between restarts of a child that exits, so a crash loop cannot spin
+START_TIMEOUT = 60.0  # seconds a new child may take to import and say it is ready
 
 _HEADER = struct.Struct('!I')
 
@@ -94,10 +95,10 @@ class _Channel(asyncio.Protocol):
         self._incoming = bytearray()
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    @classmethod
-    async def connect(cls, sock: socket.socket, handler: Handler) -> '_Channel':
-        _, channel = await asyncio.get_running_loop().connect_accepted_socket(lambda: cls(handler), sock)
-        return channel
+    async def attach(self, sock: socket.socket) -> None:
+        # The handler may be called before this returns (a message can arrive with the connection):
+        # whoever answers through this channel holds it already.
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: self, sock)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though not always an asyncio.Transport subclass (uvloop's are not).
@@ -164,6 +165,7 @@ class _Child:
     pending: dict[int, asyncio.Future[tuple[AttemptResult, float]]] = dataclasses.field(default_factory=dict)
     # The compiled notification whose target this child holds, per key: a new version is sent again.
     targets: dict[NotificationKey, Notification] = dataclasses.field(default_factory=dict)
+    ready: asyncio.Future[None] = dataclasses.field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class DeliveryProcesses:
@@ -186,7 +188,7 @@ class DeliveryProcesses:
         return [child.process.pid for child in self._children if child is not None]
 
     async def start(self) -> None:
-        """Start every child; returns once each is running."""
+        """Start every child; returns once each is ready for attempts (its imports done: none wait on them)."""
         for index in range(self._count):
             self._children[index] = await self._spawn(index)
         self._keepers = [asyncio.create_task(self._keep(index), name=f'delivery-process-{index}')
@@ -261,8 +263,21 @@ class DeliveryProcesses:
         finally:
             child_end.close()
         child = _Child(index=index, process=process)
-        child.channel = await _Channel.connect(parent_end, functools.partial(self._answer, child))
+        child.channel = _Channel(functools.partial(self._answer, child))
+        await child.channel.attach(parent_end)
         child.channel.send(('settings', self._settings))
+        closed = asyncio.ensure_future(child.channel.wait_closed())
+        try:
+            await asyncio.wait((child.ready, closed), timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # stopped while starting: leave no child behind
+            await self._close(child)
+            raise
+        finally:
+            closed.cancel()
+        if not child.ready.done():
+            await self._close(child)
+            raise DeliveryProcessError(f"delivery process {index} did not start (exit code {child.process.returncode}; "
+                                       "see its log)")
         logger.debug("Delivery process %d started (pid %d)", index, process.pid)
         async with self._ready:
             self._ready.notify_all()
@@ -270,7 +285,11 @@ class DeliveryProcesses:
 
     @staticmethod
     def _answer(child: _Child, message: tuple[Any, ...]) -> None:
-        """Hand an answer to the attempt waiting for it."""
+        """Hand an answer to the attempt waiting for it (or note that the child is ready)."""
+        if message[0] == 'ready':
+            if not child.ready.done():
+                child.ready.set_result(None)
+            return
         future = child.pending.get(message[1])
         if future is None or future.done():  # its attempt was cancelled meanwhile
             return
@@ -292,8 +311,12 @@ class DeliveryProcesses:
             for future in child.pending.values():
                 if not future.done():
                     future.set_result((AttemptResult(ok=False, message=EXITED_MESSAGE), 0.0))
-            await asyncio.sleep(RESTART_DELAY)
-            self._children[index] = await self._spawn(index)
+            while self._children[index] is None:
+                await asyncio.sleep(RESTART_DELAY)
+                try:
+                    self._children[index] = await self._spawn(index)
+                except DeliveryProcessError as exc:
+                    logger.error("%s; trying again", exc)
 
     @staticmethod
     async def _close(child: _Child) -> None:
@@ -339,16 +362,13 @@ class _Server:
             self._targets.pop(message[1], None)
         elif message[0] == 'settings':
             self._start(message[1])
+            assert self.channel is not None
+            self.channel.send(('ready',))
 
     def _start(self, settings: ChildSettings) -> None:
         self._settings = settings
         configure_logging(settings.log_level, settings.log_format)
-        connector: aiohttp.TCPConnector
-        if settings.target_policy is not None:
-            connector = GuardedConnector(settings.target_policy, limit=settings.connections)
-        else:
-            connector = aiohttp.TCPConnector(limit=settings.connections)
-        self._http = aiohttp.ClientSession(connector=connector, trust_env=False)
+        self._http = delivery_session(settings.target_policy, settings.connections)
 
     async def _attempt(self, sequence: int, method: Method, target: Any, event: Event,
                        context: DeliveryContext) -> None:
@@ -373,7 +393,8 @@ class _Server:
 
 async def _serve(descriptor: int) -> None:
     server = _Server()
-    server.channel = await _Channel.connect(socket.socket(fileno=descriptor), server.handle)
+    server.channel = _Channel(server.handle)
+    await server.channel.attach(socket.socket(fileno=descriptor))
     await server.channel.wait_closed()
     await server.close()
 

@@ -31,7 +31,7 @@ from reponotify.notifications import Notification, NotificationKey
 from reponotify.outbox import Outbox, PendingDelivery
 from reponotify.routing import RoutingTable
 from reponotify.status import DeliveryRecord, StatusBook
-from reponotify.targets import GuardedConnector, TargetPolicy
+from reponotify.targets import TargetPolicy, delivery_session
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +111,7 @@ class Dispatcher:
         return self._processes
 
     async def start(self) -> None:
-        connector: aiohttp.TCPConnector
-        if self._settings.target_policy is not None:
-            connector = GuardedConnector(self._settings.target_policy, limit=self._settings.workers)
-        else:
-            connector = aiohttp.TCPConnector(limit=self._settings.workers)
-        self._http = aiohttp.ClientSession(connector=connector, trust_env=False)
+        self._http = delivery_session(self._settings.target_policy, self._settings.workers)
         if self._settings.delivery_processes:
             self._processes = DeliveryProcesses(self._settings.delivery_processes, child_settings(
                 self._settings.methods, self._settings.target_policy, connections=self._settings.workers))

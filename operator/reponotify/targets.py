@@ -97,3 +97,15 @@ class GuardedConnector(aiohttp.TCPConnector):
             reason = self._policy.refusal(host, results[0]['host']) if results else f"{host} did not resolve"
             raise TargetRefused(reason)
         return allowed
+
+
+def delivery_session(policy: TargetPolicy | None, connections: int) -> aiohttp.ClientSession:
+    """
+    The HTTP client deliveries are made with: the policy's guard (if any), ``connections`` at most.
+
+    No cookie jar: each delivery is a POST of its own, and a cookie one answer sets must not travel
+    with the next event (nor cost a jar lookup per request). No proxy from the environment either.
+    """
+    connector = (GuardedConnector(policy, limit=connections) if policy is not None
+                 else aiohttp.TCPConnector(limit=connections))
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
