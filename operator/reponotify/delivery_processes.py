@@ -13,8 +13,8 @@ as a timeout would be (delivery stays at least once), and the child is started a
 
 Parent and child talk over a socket pair, in length-prefixed pickled tuples; frames written
 in one loop turn go out in one system call, and every complete frame a read brings is handled
-at once. An event crosses as its payload's JSON text (``Event.payload_json``), not as a dict. Settings (the SMTP password among them) travel
-over that socket, never on the command line. A notification's prepared target (its URL and
+at once. An event crosses as its payload's JSON text (``Event.payload_json``), not as a dict.
+Settings (the SMTP password among them) travel over that socket, never on the command line. A notification's prepared target (its URL and
 other secrets resolved) is sent to a child once per compiled version of the notification,
 then named by its key (and forgotten when the notification is deleted); the child makes
 the attempt with the same method code as the parent.
@@ -22,8 +22,9 @@ the attempt with the same method code as the parent.
 Messages, parent to child: ``('settings', ChildSettings)`` first, then ``('target', key,
 method name, target)``, ``('forget', key)`` and ``('attempt', seq, key, delivery id, event
 fields, timeout)``.
-Child to parent: ``('result', seq, AttemptResult, seconds)`` or ``('error', seq)`` when the
-method raised (a bug: the child logs it; the parent handles it as it does an in-process one).
+Child to parent: ``('ready',)`` once set up (the parent's ``start()`` waits for it), then
+``('result', seq, AttemptResult, seconds)`` or ``('error', seq)`` when the method raised (a bug:
+the child logs it; the parent handles it as it does an in-process one).
 """
 import asyncio
 import dataclasses
@@ -61,7 +62,7 @@ _HEADER = struct.Struct('!I')
 
 
 class DeliveryProcessError(Exception):
-    """A method raised in a delivery process (its traceback is in that process's log)."""
+    """A delivery process did not start, or a method raised in one (its log has the traceback)."""
 
 
 @dataclasses.dataclass(frozen=True)

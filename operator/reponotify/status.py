@@ -16,6 +16,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import operator
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -250,6 +251,9 @@ class StatusSink(Protocol):
     async def write(self, key: NotificationKey, status: dict[str, Any]) -> None: ...
 
 
+_in_order = operator.attrgetter('namespace', 'name')
+
+
 class StatusFlusher:
     """Writes changed statuses, each at most once per ``min_interval`` seconds."""
 
@@ -262,12 +266,11 @@ class StatusFlusher:
 
     async def run(self) -> None:
         while True:
-            if self._pending:  # some were written too recently: come back when the earliest is due
-                try:
-                    async with asyncio.timeout(self._delay_until_due()):  # not wait_for: see Outbox.take
-                        await self._book.wait_changed()
-                except TimeoutError:
-                    pass
+            if self._pending:
+                # Some were written too recently: come back when the earliest is due. Changes meanwhile
+                # wait for that pass too: waking for each would walk every pending status per delivery
+                # (thousands of notifications, each changed by a burst, made that most of the work).
+                await asyncio.sleep(self._delay_until_due())
             else:
                 await self._book.wait_changed()
             await self.flush(force=False)
@@ -276,7 +279,7 @@ class StatusFlusher:
         """Write what is due (or everything, with ``force``, e.g. at shutdown)."""
         self._pending |= self._book.take_dirty()
         now = time.monotonic()
-        for key in sorted(self._pending):
+        for key in sorted(self._pending, key=_in_order):  # by name, compared as tuples (C), not via __lt__
             if not force and now - self._last_write.get(key, -1e9) < self._min_interval:
                 continue
             self._pending.discard(key)
