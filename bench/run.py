@@ -32,6 +32,7 @@ sys.path.insert(0, str(BENCH))
 from common import (LOOPBACK, PYTHON, ROOT, BenchError, Figure, Process, Skipped, Target,  # noqa: E402
                     free_port, load_average, machine, median, processes, run_json, start_target, wait_http,
                     workdir)
+from reponotify.eventloop import DEFAULT_EVENT_LOOP, EVENT_LOOPS  # noqa: E402
 
 NOTIFICATION = """\
 apiVersion: reponotify.dev/v1alpha1
@@ -58,7 +59,7 @@ class Sizes:
     status_events: int
     recovery_pending: int
     delivery_processes: int = 1  # the process model measured: reponotify's --delivery-processes
-    event_loop: str = 'uvloop'  # reponotify's --event-loop
+    event_loop: str = DEFAULT_EVENT_LOOP  # reponotify's --event-loop
 
 
 FULL = Sizes(repeat=3, routing_sizes=(100, 10_000, 100_000), glob_share=0.05, wrk_seconds=5, latency_seconds=5,
@@ -496,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--keep', action='store_true', help="keep the scratch folder (logs) for a look")
     parser.add_argument('--delivery-processes', type=int, default=None,
                         help="reponotify's --delivery-processes in every scenario that delivers (default: 1)")
-    parser.add_argument('--event-loop', choices=['uvloop', 'asyncio'], default=None,
+    parser.add_argument('--event-loop', choices=EVENT_LOOPS, default=None,
                         help="reponotify's --event-loop in every scenario that delivers (default: uvloop)")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL

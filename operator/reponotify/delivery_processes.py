@@ -14,10 +14,10 @@ as a timeout would be (delivery stays at least once), and the child is started a
 Parent and child talk over a socket pair, in length-prefixed pickled tuples; frames written
 in one loop turn go out in one system call, and every complete frame a read brings is handled
 at once. An event crosses as its payload's JSON text (``Event.payload_json``), not as a dict.
-Settings (the SMTP password among them) travel over that socket, never on the command line. A notification's prepared target (its URL and
-other secrets resolved) is sent to a child once per compiled version of the notification,
-then named by its key (and forgotten when the notification is deleted); the child makes
-the attempt with the same method code as the parent.
+Settings (the SMTP password among them) travel over that socket, never on the command line.
+A notification's prepared target (its URL and other secrets resolved) is sent to a child once
+per compiled version of the notification, then named by its key (and forgotten when the
+notification is deleted); the child makes the attempt with the same method code as the parent.
 
 Messages, parent to child: ``('settings', ChildSettings)`` first, then ``('target', key,
 method name, target)``, ``('forget', key)`` and ``('attempt', seq, key, delivery id, event
