@@ -710,7 +710,8 @@ async def test_reset_annotation_re_enables_a_disabled_notification(cluster, star
     await cluster.annotate('hook', {'reponotify.dev/reset': '1'})
     status = await cluster.wait_status('hook', lambda s: ready(s)[1] == 'Accepted', "re-enabled")
     assert status['numberOfFailures'] == 0
-    assert 'Reset' in [event['reason'] for event in cluster.events('hook')]
+    # The Event is posted beside the status PATCH, not before it: wait for it as for the status.
+    await eventually(lambda: 'Reset' in [event['reason'] for event in cluster.events('hook')], "the Reset Event")
     await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web'))
     await http_target.wait_for(4, '/hook')  # delivered again after the reset
     await cluster.wait_status('hook', lambda s: s['deliveries']['succeeded'] == 1, "the delivery after reset")
