@@ -4,6 +4,7 @@ Standalone mode: a folder of YAML served by ``run_standalone`` on a real port, d
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import pathlib
 import textwrap
@@ -170,6 +171,20 @@ async def test_folder_is_routed_with_secrets_and_statuses_are_served(
         assert statuses['demo/no-secret']['conditions'][0]['reason'] == 'SecretNotFound'
         assert 'TOKEN' not in (state_dir / STATUS_FILE).read_text()
     assert len(http_target.requests) == 2  # suspended and broken notifications got nothing
+
+
+async def test_start_up_objects_are_left_out_of_later_garbage_collections(
+        http_target, folder: pathlib.Path, tmp_path: pathlib.Path, unused_tcp_port: int) -> None:
+    """Once serving, what start-up made is frozen (gc.freeze): a full collection no longer walks it."""
+    gc.unfreeze()  # whatever an earlier test froze
+    assert gc.get_freeze_count() == 0
+    write(folder, 'hook.yaml', notification('hook', 'repo_push', 'webhook', f'{{url: "{http_target.url}/hook"}}'))
+    try:
+        async with standalone(folder, tmp_path / 'state', unused_tcp_port):
+            # Imports alone leave tens of thousands of objects alive.
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
 
 
 async def test_statuses_survive_a_restart(http_target, folder: pathlib.Path, tmp_path: pathlib.Path,

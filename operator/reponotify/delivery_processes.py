@@ -42,7 +42,7 @@ from typing import Any, cast
 
 import aiohttp
 
-from reponotify.eventloop import DEFAULT_EVENT_LOOP, run, running_loop_name
+from reponotify.eventloop import DEFAULT_EVENT_LOOP, freeze_startup_objects, run, running_loop_name
 from reponotify.events import Event, event_from_json
 from reponotify.logs import configure_logging, logging_setup
 from reponotify.methods import METHODS, AttemptResult, DeliveryContext
@@ -363,6 +363,7 @@ class _Server:
             self._targets.pop(message[1], None)
         elif message[0] == 'settings':
             self._start(message[1])
+            freeze_startup_objects()
             assert self.channel is not None
             self.channel.send(('ready',))
 

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from reponotify.config import Settings
 from reponotify.engine import Engine
+from reponotify.eventloop import freeze_startup_objects
 from reponotify.models import API_VERSION, KIND
 from reponotify.notifications import NotificationKey, SecretNotFound, SpecError, compile_notification
 from reponotify.outbox import OutboxError
@@ -220,6 +221,7 @@ async def run_standalone(settings: Settings, folder: pathlib.Path, *, stop: asyn
         raise ManifestError(str(exc)) from None
     await engine.flush_status()
     runner = await serve(app, settings.receiver.host, settings.receiver.port)
+    freeze_startup_objects()
     logger.info("Standalone: %d notifications from %s, %d routed", len(manifests.notifications), folder,
                 len(engine.routing))
     if stop is None:  # run as a program: SIGTERM and SIGINT stop gracefully

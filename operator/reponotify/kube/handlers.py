@@ -27,6 +27,7 @@ import kopf
 
 from reponotify.config import Settings
 from reponotify.engine import Engine
+from reponotify.eventloop import freeze_startup_objects
 from reponotify.kube.client import KubeClient
 from reponotify.kube.delivery_events import DEFAULT_INTERVAL, DeliveryWarnings
 from reponotify.logs import redact_kopf_bodies
@@ -149,6 +150,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         receiver = options.common.receiver
         app = make_receiver(engine, receiver)
         runners.append((app, await serve(app, receiver.host, receiver.port)))
+        freeze_startup_objects()
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
