@@ -307,6 +307,27 @@ async def test_a_notification_repr_never_shows_inline_secrets() -> None:
     assert 'inline-secret-token' not in str(notification)
 
 
+
+async def test_a_webhook_url_is_parsed_once_and_stays_secret() -> None:
+    """The target keeps its URL parsed for every attempt; neither form shows in a repr, and a delivery process gets both."""
+    import pickle
+
+    import yarl
+
+    from reponotify.notifications import NotificationKey, compile_notification
+    from reponotify.standalone import ManifestSecrets
+
+    url = 'https://alice:inline-secret@hooks.example/path%20x?token=inline-secret'
+    spec = {'repository': 'acme/web', 'event': 'repo_push', 'method': 'webhook', 'config': {'url': url}}
+    notification = await compile_notification(NotificationKey('team-a', 'n'), spec, ManifestSecrets({}))
+    target = notification.target
+    assert target.endpoint == yarl.URL(url)
+    assert str(target.endpoint) == url
+    assert 'inline-secret' not in repr(notification) and 'inline-secret' not in repr(target)
+    copy = pickle.loads(pickle.dumps(target))
+    assert copy.endpoint == target.endpoint and copy.url == target.url
+
+
 # -- a graceful stop keeps what was written ----------------------------------------------------------
 
 async def test_a_delivery_completed_before_a_graceful_stop_is_not_resumed(tmp_path) -> None:

@@ -7,9 +7,11 @@ process boundary, a child dying mid-attempt, the SSRF guard holding there, metho
 stay in the operator's process, and secrets never reaching a command line.
 """
 import contextlib
+import datetime
 import json
 import os
 import pathlib
+import pickle
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -18,10 +20,11 @@ from typing import Any
 import pytest
 import standardwebhooks
 from conftest import HttpTarget, Reply, eventually
-from reponotify.delivery_processes import EXITED_MESSAGE, DeliveryProcessError, DeliveryProcesses, child_settings
+from reponotify.delivery_processes import (EXITED_MESSAGE, DeliveryProcessError, DeliveryProcesses, _event,
+                                          _event_fields, child_settings)
 from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import Engine, EngineSettings
-from reponotify.events import sample_payload
+from reponotify.events import new_event, sample_payload
 from reponotify.methods.base import MethodSettings
 from reponotify.notifications import NotificationKey, SecretSource, compile_notification
 from reponotify.outbox import Outbox
@@ -210,3 +213,13 @@ async def test_a_deleted_notification_is_forgotten_by_the_delivery_processes(htt
         assert processes is not None and processes.holds(KEY)
         engine.remove_notification(KEY)
         assert not processes.holds(KEY)
+
+
+def test_an_event_crosses_to_a_delivery_process_unchanged() -> None:
+    """What the parent sends of an event (as pickled on the socket) is the same event in the child, to the microsecond."""
+    event = new_event('repo_push', sample_payload('repo_push', 'acme/web'))
+    fields = pickle.loads(pickle.dumps(_event_fields(event), protocol=pickle.HIGHEST_PROTOCOL))
+    received = _event(fields)
+    assert received == event
+    assert received.received_at.utcoffset() == datetime.timedelta(0)
+    assert received.payload_json == event.payload_json

@@ -1,10 +1,12 @@
 """
-The status flusher: how it writes what the status book records.
+The status flusher: how it writes what the status book records, and standalone mode's status file.
 """
 import asyncio
+import json
 from typing import Any
 
 from reponotify.notifications import NotificationKey
+from reponotify.standalone import StatusFile
 from reponotify.status import FLUSH_SLICE, ReadyCondition, StatusBook, StatusFlusher
 
 
@@ -43,3 +45,28 @@ async def test_a_long_flush_lets_the_event_loop_run_between_slices() -> None:
     assert [name for name, _ in sink.seen] == [f'rn-{i:04d}' for i in range(count)]
     started = sink.seen[0][1]
     assert [turn - started for _, turn in sink.seen] == [i // FLUSH_SLICE for i in range(count)]
+
+
+async def test_the_status_file_is_written_once_per_slice_not_once_per_status(tmp_path) -> None:
+    """Standalone mode's file: a flush of many changed statuses rewrites it a few times, and it holds them all."""
+    book = StatusBook()
+    count = FLUSH_SLICE * 10
+    for i in range(count):
+        book.set_spec_condition(NotificationKey('default', f'rn-{i:04d}'), ReadyCondition('True', 'Accepted', 'ok'))
+    status_file = StatusFile(tmp_path / 'status.json')
+    await StatusFlusher(book, status_file, min_interval=1.0).flush(force=True)
+    await asyncio.sleep(0)  # the turn that writes the last slice
+    saved = json.loads((tmp_path / 'status.json').read_text())
+    assert sorted(saved) == [f'default/rn-{i:04d}' for i in range(count)]
+    assert saved['default/rn-0007']['conditions'][0]['reason'] == 'Accepted'
+    assert status_file.saves == 10  # once per slice of FLUSH_SLICE statuses (it was once per status: 640)
+
+    status_file.save()  # nothing changed since: nothing to write
+    assert status_file.saves == 10
+    book.record_attempt(NotificationKey('default', 'rn-0001'), ok=False)
+    await StatusFlusher(book, status_file, min_interval=1.0).flush(force=True)
+    status_file.save()  # at shutdown, before the scheduled write runs
+    assert json.loads((tmp_path / 'status.json').read_text())['default/rn-0001']['numberOfFailures'] == 1
+    assert status_file.saves == 11
+    await asyncio.sleep(0)  # the scheduled write finds nothing left to write
+    assert status_file.saves == 11

@@ -109,11 +109,19 @@ class ManifestSecrets:
 
 
 class StatusFile:
-    """All statuses in one JSON file, replaced atomically on every write."""
+    """
+    All statuses in one JSON file, replaced atomically.
+
+    The file is written once per event-loop turn however many statuses changed in it, not
+    once per status: a flush of thousands of changed notifications rewrote the whole file
+    for each of them (quadratic, and all of it while nothing else ran).
+    """
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
+        self.saves = 0  # how many times the file was written (for tests and diagnostics)
         self._statuses: dict[str, dict[str, Any]] = {}
+        self._save_scheduled = False
 
     def load(self) -> dict[str, dict[str, Any]]:
         if not self.path.exists():
@@ -129,10 +137,20 @@ class StatusFile:
 
     async def write(self, key: NotificationKey, status: dict[str, Any]) -> None:
         self._statuses[str(key)] = status
+        if not self._save_scheduled:
+            self._save_scheduled = True
+            asyncio.get_running_loop().call_soon(self.save)
+
+    def save(self) -> None:
+        """Write the file now if a status changed since it was last written (at shutdown: the last time)."""
+        if not self._save_scheduled:
+            return
+        self._save_scheduled = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix('.tmp')
         temporary.write_text(json.dumps(self._statuses, indent=2, sort_keys=True))
         os.replace(temporary, self.path)
+        self.saves += 1
 
 
 async def load_into(engine: Engine, manifests: Manifests, previous: dict[str, dict[str, Any]]) -> None:
@@ -234,3 +252,4 @@ async def run_standalone(settings: Settings, folder: pathlib.Path, *, stop: asyn
         await stop.wait()
     finally:
         await shut_down(app, runner, settings.shutdown_grace)
+        status_file.save()  # what the last flush wrote, should the loop stop before the scheduled save

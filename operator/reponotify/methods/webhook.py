@@ -34,6 +34,7 @@ import time
 from typing import Any, ClassVar
 
 import pydantic
+import yarl
 
 from reponotify.bodytemplate import BodyTemplate, compile_template
 from reponotify.events import Event
@@ -185,6 +186,11 @@ class WebhookTarget:
     ssl_context: ssl.SSLContext | None = dataclasses.field(default=None, repr=False)
     signing_key: bytes | None = dataclasses.field(default=None, repr=False)
     tls: TlsConfig | None = dataclasses.field(default=None, repr=False)  # what ssl_context was built from
+    # The URL parsed once, for every attempt (see post_json); a secret as ``url`` is, so never shown.
+    endpoint: yarl.URL = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, 'endpoint', yarl.URL(self.url.get_secret_value()))  # frozen: as __init__ sets
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled for a delivery process: an SSLContext cannot be, so it is built again there from the PEM.
@@ -230,5 +236,5 @@ class WebhookMethod(Method):
         else:  # the payload as the outbox stored it: serialised once per event, not once per delivery
             data = event.payload_json.encode()
         headers = signature_headers(target.signing_key, context.delivery_id, data) if target.signing_key else None
-        return await post_json(context, target.url.get_secret_value(), data, headers=headers,
+        return await post_json(context, target.endpoint, data, headers=headers,
                                ssl=target.ssl_context or True, what='webhook target')
