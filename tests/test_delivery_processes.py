@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import standardwebhooks
 from conftest import HttpTarget, Reply, eventually
-from reponotify.delivery_processes import (EXITED_MESSAGE, DeliveryProcessError, DeliveryProcesses, _event,
+from reponotify.delivery_processes import (EXITED_MESSAGE, NICENESS, DeliveryProcessError, DeliveryProcesses, _event,
                                           _event_fields, child_settings)
 from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import Engine, EngineSettings
@@ -118,6 +118,17 @@ async def test_start_waits_until_the_child_is_ready(http_target: HttpTarget) -> 
         [child] = pids(engine)
         modules = pathlib.Path(f'/proc/{child}/maps').read_text()
         assert '_http_parser' in modules  # aiohttp's C parser: loaded before start() returned
+        await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
+        await last_delivery(engine, 'Succeeded')
+
+
+async def test_a_child_runs_at_a_lower_cpu_priority_than_its_parent(http_target: HttpTarget) -> None:
+    """Sending is background work: under contention the parent, which answers registries, runs first."""
+    async with engine_with(webhook(f'{http_target.url}/hook')) as engine:
+        [child] = pids(engine)
+        parent_niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, child) == min(parent_niceness + NICENESS, 19)
+        assert NICENESS == 5
         await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
         await last_delivery(engine, 'Succeeded')
 

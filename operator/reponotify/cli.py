@@ -126,7 +126,8 @@ def common_options(function: F) -> F:
         option('--delivery-processes', type=click.IntRange(0, 64), default=0, show_default=True,
                help="Child processes making delivery attempts (webhook, Slack, Flowdock, HipChat, e-mail), "
                     "so that sending uses more cores; 0 makes them in this process. The outbox, retries "
-                    "and status stay in this process."),
+                    "and status stay in this process; the children run at a lower CPU priority (nice +5), "
+                    "so that receiving comes first when the cores are busy."),
         option('--per-target', type=click.IntRange(1, 10_000), default=16, show_default=True,
                help="Concurrent attempts to one target host, so a slow target cannot take every worker."),
         option('--timeout', type=click.FloatRange(0.1, 300), default=10.0, show_default=True,

