@@ -8,14 +8,16 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import os
 import pathlib
 import random
 import sqlite3
+import uuid
 
 import pytest
 
 from reponotify import outbox as outbox_module
-from reponotify.events import Event, new_event, sample_payload
+from reponotify.events import Event, new_event, new_id, sample_payload
 from reponotify.notifications import NotificationKey
 from reponotify.outbox import SCHEMA_VERSION, Outbox, OutboxError, PendingDelivery
 
@@ -340,3 +342,25 @@ async def test_an_idempotency_key_is_remembered_for_the_window_and_only_then(tmp
     db = sqlite3.connect(path)
     assert db.execute('SELECT key FROM idempotency').fetchall() == [('push-2',)]
     db.close()
+
+
+def test_event_and_delivery_ids_are_distinct_random_uuids() -> None:
+    """Ids come from the system's CSPRNG in blocks: every one a version 4 UUID, none repeated (also across a fork)."""
+    ids = [new_event('repo_push', sample_payload('repo_push', 'acme/web')).id for _ in range(300)]
+    ids += [PendingDelivery(event=new_event('repo_push', sample_payload('repo_push')),
+                            key=NotificationKey('default', 'hook')).id for _ in range(300)]
+    parsed = [uuid.UUID(value) for value in ids]
+    assert all(str(value) == text for value, text in zip(parsed, ids))  # canonical text
+    assert {(value.version, value.variant) for value in parsed} == {(4, uuid.RFC_4122)}
+    assert len(set(ids)) == len(ids)  # more than one block (256 ids) drawn
+
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child's next ids must not be the ones the parent draws next
+        os.write(writer, json.dumps([new_id() for _ in range(5)]).encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    with os.fdopen(reader) as pipe:
+        in_child = json.loads(pipe.read())
+    assert not set(in_child) & {new_id() for _ in range(5)}

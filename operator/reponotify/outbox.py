@@ -5,7 +5,10 @@ An event is answered ``202`` only once it and one pending delivery per
 matching notification are committed to disk (WAL mode, ``synchronous=FULL``).
 Under load, concurrent requests share one commit (group commit): a writer
 thread takes every request queued so far and commits them in one transaction,
-so the fsync cost is paid per batch, not per event.
+so the fsync cost is paid per batch, not per event. What a batch writes (its
+deliveries, their ids and rows) is made on the event loop; the thread runs the
+statements, and Python only where an ``Idempotency-Key`` must be looked up in the
+transaction: Python in that thread holds the GIL the event loop wants.
 
 The dispatcher takes due deliveries from an in-memory heap that mirrors the
 table; on start the heap is refilled from disk, so nothing accepted is lost
@@ -46,11 +49,10 @@ import itertools
 import pathlib
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from reponotify.events import Event, event_from_json
+from reponotify.events import Event, event_from_json, new_id
 from reponotify.notifications import NotificationKey
 
 Clock = Callable[[], float]
@@ -131,7 +133,7 @@ class PendingDelivery:
     """One event to deliver to one notification, with its retry bookkeeping."""
     event: Event
     key: NotificationKey
-    id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))  # also the webhook-id
+    id: str = dataclasses.field(default_factory=new_id)  # also the webhook-id
     attempts: int = 0
     due: float = 0.0
     # Where it is on disk (row ids, set once written): storage bookkeeping, not part of what it is.
@@ -144,11 +146,15 @@ class _Submission:
     """One write for the next group commit: an accepted event, or a delivery to update or delete."""
     action: str  # 'accept' | 'update' | 'delete'
     event: Event
-    keys: Sequence[NotificationKey] = ()
     idempotency_key: str | None = None
     claims: Sequence[str] = ()
     delivery: PendingDelivery | None = None
     future: asyncio.Future[Any] | None = None
+    # An accept's deliveries and rows, made on the event loop (the writer thread only runs statements):
+    # written unless its idempotency key or a claim is already held.
+    deliveries: list[PendingDelivery] = dataclasses.field(default_factory=list)
+    event_row: tuple[Any, ...] | None = None
+    delivery_rows: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
 
 
 IDEMPOTENCY_PURGE_INTERVAL = 60.0  # seconds between deletions of expired Idempotency-Keys
@@ -161,7 +167,7 @@ class _Rows:
     deliveries: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     updates: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     deletes: list[tuple[int, str]] = dataclasses.field(default_factory=list)
-    emptied: dict[int, str] = dataclasses.field(default_factory=dict)  # events whose deliveries went
+    emptied: list[tuple[int, str, int]] = dataclasses.field(default_factory=list)  # events whose deliveries went
 
     def write(self, db: sqlite3.Connection) -> None:
         # Rows are found by row id; the UUID in the WHERE costs nothing more (the row is already found)
@@ -178,8 +184,7 @@ class _Rows:
             db.executemany('DELETE FROM deliveries WHERE seq = ? AND id = ?', self.deletes)
             # An event goes with its last delivery: once per event, however many of its deliveries went.
             db.executemany('DELETE FROM events WHERE seq = ? AND id = ? '
-                           'AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_seq = ?)',
-                           [(seq, event_id, seq) for seq, event_id in self.emptied.items()])
+                           'AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_seq = ?)', self.emptied)
 
 
 class Outbox:
@@ -310,7 +315,7 @@ class Outbox:
         those parts and tries again.
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._submit(_Submission('accept', event, keys, idempotency_key, claims=claims, future=future))
+        self._submit(self._accept_submission(event, keys, idempotency_key, claims, future))
         accepted, deliveries = await future
         for delivery in deliveries:
             self._push(delivery)
@@ -318,6 +323,29 @@ class Outbox:
         # (each to find the heap empty again) cost more CPU than accepting the event.
         self._wake(len(deliveries))
         return accepted
+
+    def _accept_submission(self, event: Event, keys: Sequence[NotificationKey], idempotency_key: str | None,
+                           claims: Sequence[str], future: asyncio.Future[Any]) -> _Submission:
+        """
+        An accept with its deliveries and rows made here, on the event loop, not in the writer thread.
+
+        Python code in that thread holds the GIL the event loop wants: the thread should only run
+        statements (which give the GIL up). Row ids are handed out here, in submission order; an accept
+        that turns out to be a replay leaves a gap in them, which is harmless.
+        """
+        submission = _Submission('accept', event, idempotency_key, claims=claims, future=future)
+        if keys:
+            now = self._clock()
+            event_seq = next(self._event_seqs)
+            submission.event_row = (event_seq, event.id, event.kind, event.repository, event.payload_json,
+                                    event.received_at.isoformat())
+            for key in keys:
+                delivery = PendingDelivery(event=event, key=key, due=now, seq=next(self._delivery_seqs),
+                                           event_seq=event_seq)
+                submission.deliveries.append(delivery)
+                submission.delivery_rows.append((delivery.seq, delivery.id, event_seq, key.namespace, key.name,
+                                                 now))
+        return submission
 
     def _submit(self, submission: _Submission) -> None:
         assert self._submitted is not None, "the outbox is not open"
@@ -334,7 +362,8 @@ class Outbox:
                 del self._submissions[:self._max_batch]
                 self._writing = True
                 try:
-                    results = await self._run(self._commit, batch)
+                    rows, results, checks = self._plan(batch)
+                    results = await self._run(self._commit, batch, rows, results, checks)
                 except Exception as exc:  # accepting requests get a 5xx; nothing half-written stays
                     for submission in batch:
                         if submission.future is not None and not submission.future.done():
@@ -346,9 +375,44 @@ class Outbox:
                     if submission.future is not None and not submission.future.done():
                         submission.future.set_result(result)
 
-    def _commit(self, batch: list[_Submission]) -> list[Any]:
+    def _plan(self, batch: list[_Submission]) -> tuple[_Rows, list[Any], list[int]]:
         """
-        Write a batch in one transaction (one fsync), with the effect of writing it in submission order.
+        On the event loop: the rows a batch writes and each submission's answer, as far as they are known.
+
+        An accept with an ``Idempotency-Key`` or claims is answered by the writer thread, which looks the
+        keys up in the transaction (its index is in the third list); every other submission is planned
+        here, so that the thread runs little Python: Python there holds the GIL the event loop wants
+        (measured: the thread's CPU per event fell from 55 us to 33 us when accepts were prepared here).
+        """
+        rows = _Rows()
+        results: list[Any] = []
+        checks: list[int] = []
+        emptied: dict[int, str] = {}
+        for index, submission in enumerate(batch):
+            if submission.action == 'accept':
+                if submission.idempotency_key is not None or submission.claims:
+                    checks.append(index)
+                    results.append(None)
+                else:
+                    results.append(self._accepted(submission, rows))
+                continue
+            delivery = submission.delivery
+            assert delivery is not None
+            # A delivery with no row (never written) has nothing to update or delete.
+            if delivery.seq is not None and delivery.event_seq is not None:
+                if submission.action == 'update':
+                    rows.updates.append((delivery.attempts, delivery.due, delivery.seq, delivery.id))
+                else:
+                    rows.deletes.append((delivery.seq, delivery.id))
+                    emptied[delivery.event_seq] = delivery.event.id
+            results.append(None)
+        # An event goes with its last delivery: checked once per event, however many of its deliveries went.
+        rows.emptied = [(seq, event_id, seq) for seq, event_id in emptied.items()]
+        return rows, results, checks
+
+    def _commit(self, batch: list[_Submission], rows: _Rows, results: list[Any], checks: list[int]) -> list[Any]:
+        """
+        Write a planned batch in one transaction (one fsync), with the effect of writing it in submission order.
 
         Idempotency keys are checked and recorded one submission at a time (a later request of the
         batch must see an earlier one's key); the rows of events and deliveries are then written with
@@ -359,27 +423,13 @@ class Outbox:
         """
         db = self._database()
         now = self._clock()
-        rows = _Rows()
-        results: list[Any] = []
         db.execute('BEGIN IMMEDIATE')
         try:
             if now - self._purged >= IDEMPOTENCY_PURGE_INTERVAL:  # expired keys are ignored meanwhile
                 db.execute('DELETE FROM idempotency WHERE created < ?', (now - self._idempotency_window,))
                 self._purged = now
-            for submission in batch:
-                if submission.action == 'accept':
-                    results.append(self._accept_one(db, submission, now, rows))
-                    continue
-                delivery = submission.delivery
-                assert delivery is not None
-                # A delivery with no row (never written) has nothing to update or delete.
-                if delivery.seq is not None and delivery.event_seq is not None:
-                    if submission.action == 'update':
-                        rows.updates.append((delivery.attempts, delivery.due, delivery.seq, delivery.id))
-                    else:
-                        rows.deletes.append((delivery.seq, delivery.id))
-                        rows.emptied[delivery.event_seq] = delivery.event.id
-                results.append(None)
+            for index in checks:
+                results[index] = self._accept_one(db, batch[index], now, rows)
             rows.write(db)
             db.execute('COMMIT')
         except BaseException:
@@ -387,6 +437,14 @@ class Outbox:
                 db.execute('ROLLBACK')
             raise
         return results
+
+    @staticmethod
+    def _accepted(submission: _Submission, rows: _Rows) -> tuple[Accepted, list[PendingDelivery]]:
+        """An accept's answer, its rows added to the batch's."""
+        if submission.event_row is not None:
+            rows.events.append(submission.event_row)
+            rows.deliveries.extend(submission.delivery_rows)
+        return Accepted(id=submission.event.id, matched=len(submission.deliveries)), submission.deliveries
 
     def _accept_one(self, db: sqlite3.Connection, submission: _Submission, now: float,
                     rows: '_Rows') -> tuple[Accepted, list[PendingDelivery]]:
@@ -408,18 +466,8 @@ class Outbox:
         if claims:
             # OR REPLACE: an expired key may still be on disk until the next purge; a live one was found above.
             db.executemany('INSERT OR REPLACE INTO idempotency (key, event_id, matched, created) VALUES (?, ?, ?, ?)',
-                           [(key, event.id, len(submission.keys), now) for key in claims])
-        deliveries = [PendingDelivery(event=event, key=key, due=now) for key in submission.keys]
-        if deliveries:
-            event_seq = next(self._event_seqs)
-            rows.events.append((event_seq, event.id, event.kind, event.repository, event.payload_json,
-                                event.received_at.isoformat()))
-            for delivery in deliveries:
-                delivery.event_seq = event_seq
-                delivery.seq = next(self._delivery_seqs)
-                rows.deliveries.append((delivery.seq, delivery.id, event_seq, delivery.key.namespace,
-                                        delivery.key.name, now))
-        return Accepted(id=event.id, matched=len(deliveries)), deliveries
+                           [(key, event.id, len(submission.deliveries), now) for key in claims])
+        return self._accepted(submission, rows)
 
     # -- dispatching -----------------------------------------------------------------------------
 
