@@ -186,11 +186,18 @@ class WebhookTarget:
     ssl_context: ssl.SSLContext | None = dataclasses.field(default=None, repr=False)
     signing_key: bytes | None = dataclasses.field(default=None, repr=False)
     tls: TlsConfig | None = dataclasses.field(default=None, repr=False)  # what ssl_context was built from
-    # The URL parsed once, for every attempt (see post_json); a secret as ``url`` is, so never shown.
-    endpoint: yarl.URL = dataclasses.field(init=False, repr=False, compare=False)
+    # The URL parsed at the first attempt and kept for the next ones (see post_json); a secret as ``url``
+    # is, so never shown. Not parsed when loaded: about 550 bytes a notification (measured), which only
+    # notifications that send should pay.
+    _endpoint: yarl.URL | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, 'endpoint', yarl.URL(self.url.get_secret_value()))  # frozen: as __init__ sets
+    @property
+    def endpoint(self) -> yarl.URL:
+        endpoint = self._endpoint
+        if endpoint is None:
+            endpoint = yarl.URL(self.url.get_secret_value())
+            object.__setattr__(self, '_endpoint', endpoint)  # frozen: set as the dataclass __init__ does
+        return endpoint
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled for a delivery process: an SSLContext cannot be, so it is built again there from the PEM.
