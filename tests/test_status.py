@@ -70,3 +70,29 @@ async def test_the_status_file_is_written_once_per_slice_not_once_per_status(tmp
     assert status_file.saves == 11
     await asyncio.sleep(0)  # the scheduled write finds nothing left to write
     assert status_file.saves == 11
+
+
+async def test_a_write_cut_short_by_the_stop_is_made_by_the_final_flush() -> None:
+    """Stopping cancels the flusher mid-write: that status is not lost, the final flush writes it."""
+    class StallingSink:
+        def __init__(self) -> None:
+            self.written: list[str] = []
+            self.stalled = asyncio.Event()
+
+        async def write(self, key: NotificationKey, status: dict[str, Any]) -> None:
+            if not self.stalled.is_set():  # the first write hangs (a slow API server) until cancelled
+                self.stalled.set()
+                await asyncio.Event().wait()
+            self.written.append(key.name)
+
+    book = StatusBook()
+    book.set_spec_condition(NotificationKey('default', 'hook'), ReadyCondition('True', 'Accepted', 'ok'))
+    sink = StallingSink()
+    flusher = StatusFlusher(book, sink, min_interval=1.0)
+    running = asyncio.create_task(flusher.run())
+    await asyncio.wait_for(sink.stalled.wait(), 5)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    assert sink.written == []
+    await flusher.flush(force=True)  # as Engine.stop does
+    assert sink.written == ['hook']

@@ -295,6 +295,9 @@ class StatusFlusher:
             self._last_write[key] = now
             try:
                 await self._sink.write(key, self._book.status(key))
+            except asyncio.CancelledError:  # stopping: the final flush writes it
+                self._pending.add(key)
+                raise
             except Exception as exc:  # keep flushing others; retry this one later
                 logger.warning("Could not write the status of %s: %s", key, exc)
                 self._pending.add(key)
