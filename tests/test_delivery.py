@@ -352,10 +352,12 @@ async def test_a_delivery_completed_before_a_graceful_stop_is_not_resumed(tmp_pa
     blocker = asyncio.get_running_loop().run_in_executor(outbox._thread, busy.wait)
     await outbox.complete(delivery)  # the final outcome is recorded: the row must go
     closing = asyncio.create_task(outbox.close())
-    for _ in range(50):  # event-loop turns (not wall time): the writer takes the delete, close() acts
-        await asyncio.sleep(0)
-    assert not outbox._submissions  # the delete is in the writer's hands, waiting for the thread
-    busy.set()
+    try:
+        for _ in range(50):  # event-loop turns (not wall time): the writer takes the delete, close() acts
+            await asyncio.sleep(0)
+        assert not outbox._submissions  # the delete is in the writer's hands, waiting for the thread
+    finally:
+        busy.set()  # also when the assertion fails: a thread left waiting would keep pytest from exiting
     await blocker
     await asyncio.wait_for(closing, 10)
 
