@@ -14,7 +14,8 @@ real helm for the same mode (cluster-wide, or the watched namespaces only), and:
 * the rendered rules are exactly the documented least-privilege list
   (``DOCUMENTED_RULES`` of test_chart, values.yaml's ``rbac`` comment);
 * every documented rule was used in the flow, except the ones listed in
-  ``GRANTED_BUT_NOT_EXERCISED`` with the reason.
+  ``GRANTED_BUT_NOT_EXERCISED`` with the reason (and ``EXERCISED_BY_A_RACE``:
+  used or not depending on timing).
 """
 from typing import Any
 
@@ -46,9 +47,12 @@ Use = tuple[Triple, str | None]  # and the namespace (None: cluster-wide or clus
 DISCOVERY = ('/api', '/apis', '/version')
 
 # Documented and granted, but not called in the flow, with the reason.
-GRANTED_BUT_NOT_EXERCISED: dict[Triple, str] = {
+# Used or not depending on timing, both being right.
+EXERCISED_BY_A_RACE: dict[Triple, str] = {
     ('', 'namespaces', 'get'): "the operator reads a Namespace's annotation only when a notification is handled "
                                "before the namespace watch has listed its namespace (a start-up race)",
+}
+GRANTED_BUT_NOT_EXERCISED: dict[Triple, str] = {
     (GROUP, PLURAL, 'get'): "neither kopf 1.45 nor the operator reads one object; kopf lists and watches "
                             "(a read-only verb the chart documents; not needed so far)",
     ('apiextensions.k8s.io', 'customresourcedefinitions', 'get'): "kopf lists and watches CRDs, never reads one "
@@ -141,7 +145,8 @@ async def test_the_operator_needs_exactly_the_granted_rules(
 
     # ... and each of them is used (or its absence here explained).
     used = {triple for triple, _ in uses}
-    assert DOCUMENTED_RULES - used == set(GRANTED_BUT_NOT_EXERCISED), sorted(DOCUMENTED_RULES - used)
+    unused = DOCUMENTED_RULES - used - set(EXERCISED_BY_A_RACE)
+    assert unused == set(GRANTED_BUT_NOT_EXERCISED), sorted(unused)
     assert used <= DOCUMENTED_RULES
     if namespaces:  # the watched namespaces' resources are only ever asked for in those namespaces
         assert {namespace for (_, resource, _), namespace in uses if resource != 'namespaces'
