@@ -107,16 +107,6 @@ def shutting_down() -> web.Response:
                      headers={'Retry-After': '5'})
 
 
-@web.middleware
-async def count_rejections(request: web.Request,
-                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Count every refused event request by its reason (reponotify_events_rejected_total)."""
-    response = await handler(request)
-    if isinstance(response, Rejection):
-        request.app[ENGINE].metrics.rejected(response.rejection)
-    return response
-
-
 async def get_metrics(request: web.Request) -> web.Response:
     """Prometheus metrics (text format, or OpenMetrics when the scraper asks for it)."""
     body, content_type = request.app[ENGINE].metrics.exposition(request.headers.get('Accept'))
@@ -126,9 +116,14 @@ async def get_metrics(request: web.Request) -> web.Response:
 @web.middleware
 async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                       ) -> web.StreamResponse:
-    """Every error is a JSON body, including aiohttp's own (404 for unknown paths, 405, 413)."""
+    """
+    Every error is a JSON body, including aiohttp's own (404 for unknown paths, 405, 413), and every
+    refused event request is counted by its reason (reponotify_events_rejected_total).
+
+    One middleware for both: each one wraps every request, events included.
+    """
     try:
-        return await handler(request)
+        response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -137,8 +132,11 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
             405: f"method {request.method} is not allowed on {request.path}",
             413: f"request body is larger than {MAX_BODY_BYTES} bytes",
         }
-        return error(exc.status, messages.get(exc.status, exc.reason),
-                     'too_large' if exc.status == 413 else None)  # only bodies read raise 413: events'
+        response = error(exc.status, messages.get(exc.status, exc.reason),
+                         'too_large' if exc.status == 413 else None)  # only bodies read raise 413: events'
+    if isinstance(response, Rejection):
+        request.app[ENGINE].metrics.rejected(response.rejection)
+    return response
 
 
 def authorized(request: web.Request, body: bytes = b'') -> bool:
@@ -151,6 +149,8 @@ async def read_body(request: web.Request) -> bytes | web.Response:
     """The whole body, or the error response: 413 past the limit, 408 when it trickles in too slowly."""
     if (request.content_length or 0) > MAX_BODY_BYTES:
         return error(413, f"request body is larger than {MAX_BODY_BYTES} bytes", 'too_large')
+    if request.content.is_eof():  # all of it arrived with the headers (most events): nothing to wait for
+        return await request.read()  # past client_max_size, aiohttp raises 413 here too
     try:
         async with asyncio.timeout(request.app[READ_TIMEOUT]):
             return await request.read()  # aiohttp raises 413 past client_max_size without Content-Length
@@ -244,7 +244,7 @@ async def verify_address(request: web.Request) -> web.Response:
 def make_app(engine: Engine, *, token: str | None = None, hmac_secret: str | None = None,
              read_timeout: float = DEFAULT_READ_TIMEOUT) -> web.Application:
     """The receiver application; the caller runs it (see :func:`serve`)."""
-    app = web.Application(middlewares=[count_rejections, json_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
     app[ENGINE] = engine
     app[AUTH] = Auth(token=token or None, hmac_secret=hmac_secret or None)
     app[STATE] = ReceiverState()
