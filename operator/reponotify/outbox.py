@@ -382,7 +382,7 @@ class Outbox:
         An accept with an ``Idempotency-Key`` or claims is answered by the writer thread, which looks the
         keys up in the transaction (its index is in the third list); every other submission is planned
         here, so that the thread runs little Python: Python there holds the GIL the event loop wants
-        (measured: the thread's CPU per event fell from 55 us to 33 us when accepts were prepared here).
+        (measured end to end: the thread's CPU per event fell from about 55 us to 26 us once rows were made here).
         """
         rows = _Rows()
         results: list[Any] = []
