@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import standardwebhooks
 from conftest import HttpTarget, Reply, eventually
-from reponotify.delivery_processes import (EXITED_MESSAGE, NICENESS, DeliveryProcessError, DeliveryProcesses, _event,
+from reponotify.delivery_processes import (EXITED_MESSAGE, NICENESS, DeliveryProcessError, DeliveryProcesses,
                                           _event_fields, child_settings)
 from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import Engine, EngineSettings
-from reponotify.events import new_event, sample_payload
+from reponotify.events import event_from_json, new_event, sample_payload
 from reponotify.methods.base import MethodSettings
 from reponotify.notifications import NotificationKey, SecretSource, compile_notification
 from reponotify.outbox import Outbox
@@ -230,7 +230,7 @@ def test_an_event_crosses_to_a_delivery_process_unchanged() -> None:
     """What the parent sends of an event (as pickled on the socket) is the same event in the child, to the microsecond."""
     event = new_event('repo_push', sample_payload('repo_push', 'acme/web'))
     fields = pickle.loads(pickle.dumps(_event_fields(event), protocol=pickle.HIGHEST_PROTOCOL))
-    received = _event(fields)
+    received = event_from_json(*fields)
     assert received == event
     assert received.received_at.utcoffset() == datetime.timedelta(0)
     assert received.payload_json == event.payload_json

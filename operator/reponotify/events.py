@@ -196,11 +196,14 @@ def new_event(kind: str, payload: Payload, *, event_id: str | None = None) -> Ev
     )
 
 
-def event_from_json(event_id: str, kind: str, repository: str, payload_json: str,
-                    received_at: datetime.datetime) -> Event:
-    """An event made again from its payload's JSON text (``Event.payload_json``), which it keeps."""
+def event_from_json(event_id: str, kind: str, repository: str, payload_json: str, received_at: str) -> Event:
+    """
+    An event made again from its payload's JSON text (``Event.payload_json``), which it keeps,
+    and its time as ISO text (``received_at.isoformat()``): as the outbox stores them, and as they
+    cross to a delivery process.
+    """
     event = Event(id=event_id, kind=kind, repository=repository, payload=json.loads(payload_json),
-                  received_at=received_at)
+                  received_at=datetime.datetime.fromisoformat(received_at))
     object.__setattr__(event, '_payload_json', payload_json)  # as the payload_json property stores it
     return event
 

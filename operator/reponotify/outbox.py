@@ -43,7 +43,6 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
-import datetime
 import heapq
 import itertools
 import pathlib
@@ -274,8 +273,7 @@ class Outbox:
              received_at) in rows:
             event = events.get(event_seq)
             if event is None:
-                event = events[event_seq] = event_from_json(
-                    event_id, kind, repository, payload, datetime.datetime.fromisoformat(received_at))
+                event = events[event_seq] = event_from_json(event_id, kind, repository, payload, received_at)
             deliveries.append(PendingDelivery(event=event, key=NotificationKey(namespace, name), id=delivery_id,
                                               attempts=attempts, due=due, seq=seq, event_seq=event_seq))
         return deliveries
