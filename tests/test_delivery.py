@@ -307,7 +307,6 @@ async def test_a_notification_repr_never_shows_inline_secrets() -> None:
     assert 'inline-secret-token' not in str(notification)
 
 
-
 async def test_a_webhook_url_is_parsed_once_and_stays_secret() -> None:
     """The target keeps its URL parsed for every attempt; neither form shows in a repr, and a delivery process gets both."""
     import pickle
