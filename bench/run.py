@@ -32,6 +32,7 @@ sys.path.insert(0, str(BENCH))
 from common import (LOOPBACK, PYTHON, ROOT, BenchError, Figure, Process, Skipped, Target,  # noqa: E402
                     free_port, load_average, machine, median, processes, run_json, start_target, wait_http,
                     workdir)
+from reponotify.delivery_processes import process_count  # noqa: E402
 from reponotify.eventloop import DEFAULT_EVENT_LOOP, EVENT_LOOPS  # noqa: E402
 
 NOTIFICATION = """\
@@ -58,7 +59,9 @@ class Sizes:
     memory_counts: tuple[int, ...]
     status_events: int
     recovery_pending: int
-    delivery_processes: int = 1  # the process model measured: reponotify's --delivery-processes
+    # The process model measured: reponotify's --delivery-processes ('auto', its default, is resolved
+    # for this machine before the runs, so that every scenario and BENCH_OPERATOR copy gets the number).
+    delivery_processes: int | str = 'auto'
     event_loop: str = DEFAULT_EVENT_LOOP  # reponotify's --event-loop
 
 
@@ -263,7 +266,8 @@ def delivery(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                 runs.append(result['rate'])
                 shutil.rmtree(work, ignore_errors=True)
     reference = 'bare aiohttp client, 64 concurrent, same POSTs'
-    note = 'in-process engine, durable outbox, 64 workers, per-target limit 64'
+    note = (f'in-process engine, durable outbox, 64 workers, per-target limit 64, '
+            f'delivery processes: {sizes.delivery_processes}')
     return [
         Figure('delivery', f'deliveries/s, one event to {count:,} notifications', 'deliveries/s', fanout,
                reference, bare, goal='>= 0.6x the reference', met=median(fanout) >= 0.6 * median(bare), note=note),
@@ -331,7 +335,8 @@ def peer(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
             process.stop()
     figure = Figure('peer', f'end to end, {count:,} events to one webhook each', 'deliveries/s', ours,
                     note='first ingest request to last delivery; aiohttp client, 64 concurrent, one event per '
-                         'request; reponotify: one standalone process, durable outbox')
+                         f'request; reponotify: the standalone command, delivery processes: '
+                         f'{sizes.delivery_processes}, durable outbox')
     if binary is not None:
         figure.reference_name = 'Prometheus Alertmanager (group_by ..., group_wait 0s), same load and target'
         figure.reference_runs = theirs
@@ -495,8 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--repeat', type=int, default=None, help="runs per figure (default: 3, smoke: 1)")
     parser.add_argument('--out', type=pathlib.Path, default=BENCH / 'results', help="folder for results.json/.md")
     parser.add_argument('--keep', action='store_true', help="keep the scratch folder (logs) for a look")
-    parser.add_argument('--delivery-processes', type=int, default=None,
-                        help="reponotify's --delivery-processes in every scenario that delivers (default: 1)")
+    parser.add_argument('--delivery-processes', default=None,
+                        help="reponotify's --delivery-processes in every scenario that delivers "
+                             "(default: auto, reponotify's own default)")
     parser.add_argument('--event-loop', choices=EVENT_LOOPS, default=None,
                         help="reponotify's --event-loop in every scenario that delivers (default: uvloop)")
     args = parser.parse_args(argv)
@@ -504,7 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat:
         sizes = dataclasses.replace(sizes, repeat=args.repeat)
     if args.delivery_processes is not None:
+        if args.delivery_processes != 'auto' and not args.delivery_processes.isdigit():
+            parser.error(f"--delivery-processes: auto or a number, not {args.delivery_processes!r}")
         sizes = dataclasses.replace(sizes, delivery_processes=args.delivery_processes)
+    sizes = dataclasses.replace(sizes, delivery_processes=process_count(sizes.delivery_processes))
     if args.event_loop is not None:
         sizes = dataclasses.replace(sizes, event_loop=args.event_loop)
     names = [name.strip() for name in args.only.split(',') if name.strip()] or list(SCENARIOS)

@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+from reponotify.delivery_processes import available_cpus, process_count
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCENARIOS = {'routing', 'ingest', 'delivery', 'peer', 'memory', 'status', 'recovery'}
 
@@ -24,6 +26,8 @@ def test_the_benchmark_runs_every_scenario_and_writes_its_figures(tmp_path: path
     report = json.loads((tmp_path / 'results.json').read_text())
     assert report['mode'] == 'smoke'
     assert report['errors'] == {}
+    # reponotify's default process model, resolved for this machine once, so every scenario runs the same.
+    assert report['sizes']['delivery_processes'] == process_count('auto', available_cpus())
     measured = {figure['scenario'] for figure in report['figures']}
     assert measured | set(report['skipped']) == SCENARIOS, (measured, report['skipped'])
     for figure in report['figures']:

@@ -61,8 +61,8 @@ ALL_FEATURES: dict[str, Any] = {
              'from': 'reponotify@example.com', 'existingSecret': 'smtp', 'passwordKey': 'pw',
              'caSecret': 'smtp-ca', 'emailVerification': False},
     'allowTargets': ['10.0.0.0/8', 'ci.internal.svc'],
-    'config': {'logLevel': 'debug', 'retrySchedule': '1s,10s,1m', 'workers': 8, 'perTarget': 2, 'timeout': 2.5,
-               'statusInterval': 0, 'readTimeout': 5, 'shutdownGrace': 5,
+    'config': {'logLevel': 'debug', 'retrySchedule': '1s,10s,1m', 'workers': 8, 'perTarget': 2,
+               'deliveryProcesses': 2, 'timeout': 2.5, 'statusInterval': 0, 'readTimeout': 5, 'shutdownGrace': 5,
                'flowdockApiUrl': 'https://flowdock.example.com/v1', 'hipchatApiUrl': 'https://hipchat.example.com/v2',
                'repositoryPolicy': 'deny', 'publicUrl': 'https://reponotify.example.com',
                'emailHoldMaxAge': '12h'},
@@ -245,6 +245,8 @@ def test_chart_metadata() -> None:
     (['--set', 'smtp.security=ssl'], "at '/smtp/security'"),
     (['--set', 'image.pullPolicy=Sometimes'], "at '/image/pullPolicy'"),
     (['--set', 'config.workers=0'], "at '/config/workers'"),
+    (['--set', 'config.deliveryProcesses=many'], "at '/config/deliveryProcesses'"),
+    (['--set', 'config.deliveryProcesses=65'], "at '/config/deliveryProcesses'"),
     (['--set', 'config.repositoryPolicy=maybe'], "at '/config/repositoryPolicy'"),
     (['--set', 'config.retrySchedule=soon'], "at '/config/retrySchedule'"),
     (['--set', 'persistence.size=lots'], "at '/persistence/size'"),
@@ -421,6 +423,7 @@ def test_all_features_configuration(rendered: dict[str, list[dict[str, Any]]]) -
     assert env['REPONOTIFY_RETRY_SCHEDULE'] == '1s,10s,1m'
     assert env['REPONOTIFY_WORKERS'] == '8'
     assert env['REPONOTIFY_PER_TARGET'] == '2'
+    assert env['REPONOTIFY_DELIVERY_PROCESSES'] == '2'
     assert env['REPONOTIFY_TIMEOUT'] == '2.5'
     assert env['REPONOTIFY_STATUS_INTERVAL'] == '0'
     assert env['REPONOTIFY_LOG_LEVEL'] == 'debug'

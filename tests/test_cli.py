@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import math
 import os
 import pathlib
 import signal
@@ -22,6 +23,7 @@ import aiohttp
 import click
 import pytest
 from reponotify.cli import main
+from reponotify.delivery_processes import cgroup_cpu_quota
 from reponotify.events import sample_payload
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -69,7 +71,7 @@ def manifests(folder: pathlib.Path, url: str) -> pathlib.Path:
 
 
 @contextlib.asynccontextmanager
-async def standalone_process(tmp_path: pathlib.Path, port: int, target_url: str,
+async def standalone_process(tmp_path: pathlib.Path, port: int, target_url: str, *, cpus: set[int] | None = None,
                              **extra: str) -> AsyncIterator[asyncio.subprocess.Process]:
     token_file = tmp_path / 'token'
     token_file.write_text(TOKEN + '\n')
@@ -82,8 +84,10 @@ async def standalone_process(tmp_path: pathlib.Path, port: int, target_url: str,
     )
     log = tmp_path / 'standalone.log'
     with log.open('wb') as output:
-        process = await asyncio.create_subprocess_exec(*COMMAND, 'standalone', env=env, cwd=tmp_path,
-                                                       stdout=output, stderr=output)
+        process = await asyncio.create_subprocess_exec(
+            *COMMAND, 'standalone', env=env, cwd=tmp_path, stdout=output, stderr=output,
+            # The CPUs it may run on, as taskset would set them (None: this process's).
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
     try:
         await wait_until_listening(process, port, log)
         yield process
@@ -191,6 +195,37 @@ async def test_standalone_reports_a_broken_manifest_and_exits(tmp_path: pathlib.
     code, _, stderr = await run('standalone', env=env, timeout=30)
     assert code == 1
     assert stderr.decode().startswith(f'Error: {folder / "broken.yaml"}: not valid YAML: ')
+
+
+async def test_a_bad_delivery_process_count_is_refused(tmp_path: pathlib.Path) -> None:
+    env = environment(REPONOTIFY_MANIFESTS=str(tmp_path), REPONOTIFY_DELIVERY_PROCESSES='many')
+    code, _, stderr = await run('standalone', env=env, timeout=30)
+    assert code == 2
+    assert stderr.decode().splitlines()[-1] == (
+        "Error: Invalid value for '--delivery-processes' (env var: 'REPONOTIFY_DELIVERY_PROCESSES'): "
+        "'many' is not 'auto' or a number from 0 to 64")
+
+
+@pytest.mark.parametrize('cpu_count', [1, 2])
+async def test_auto_starts_one_delivery_process_per_cpu_it_may_use(http_target, tmp_path: pathlib.Path,
+                                                                   unused_tcp_port: int, cpu_count: int) -> None:
+    cpus = set(sorted(os.sched_getaffinity(0))[:cpu_count])
+    if len(cpus) < cpu_count:
+        pytest.skip(f"this machine lets the tests use {len(cpus)} CPU(s)")
+    quota = cgroup_cpu_quota()
+    available = min(cpu_count, math.ceil(quota)) if quota is not None else cpu_count
+    expected = 0 if available < 2 else available
+    async with standalone_process(tmp_path, unused_tcp_port, f'{http_target.url}/hooks/ci', cpus=cpus,
+                                  REPONOTIFY_ALLOW_TARGETS='127.0.0.0/8') as process:
+        children = pathlib.Path(f'/proc/{process.pid}/task/{process.pid}/children').read_text().split()
+        commands = [pathlib.Path(f'/proc/{pid}/cmdline').read_bytes().split(b'\0')[1:3] for pid in children]
+        status, body = await post(f'http://127.0.0.1:{unused_tcp_port}/v1/events/repo_push',
+                                  sample_payload('repo_push', 'acme/web'), {'Authorization': f'Bearer {TOKEN}'})
+        assert (status, body['matched']) == (202, 1)
+        await http_target.wait_for(1, '/hooks/ci')
+    assert commands == [[b'-m', b'reponotify.delivery_processes']] * expected
+    log = (tmp_path / 'standalone.log').read_text()
+    assert f"Delivery processes: {expected} (auto, {available} CPU{'' if available == 1 else 's'} available)" in log
 
 
 async def test_crd_output_is_the_checked_in_file() -> None:

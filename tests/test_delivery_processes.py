@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 import standardwebhooks
 from conftest import HttpTarget, Reply, eventually
-from reponotify.delivery_processes import (EXITED_MESSAGE, NICENESS, DeliveryProcessError, DeliveryProcesses,
-                                          _event_fields, child_settings)
+from reponotify.delivery_processes import (AUTO_LIMIT, EXITED_MESSAGE, NICENESS, DeliveryProcessError,
+                                          DeliveryProcesses, _event_fields, available_cpus, cgroup_cpu_quota,
+                                          child_settings, process_count)
 from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import Engine, EngineSettings
 from reponotify.events import event_from_json, new_event, sample_payload
@@ -234,3 +235,56 @@ def test_an_event_crosses_to_a_delivery_process_unchanged() -> None:
     assert received == event
     assert received.received_at.utcoffset() == datetime.timedelta(0)
     assert received.payload_json == event.payload_json
+
+
+# -- how many: --delivery-processes auto -----------------------------------------------------------
+
+def cgroup_tree(root: pathlib.Path, files: dict[str, str]) -> pathlib.Path:
+    """A cgroup file tree as a container sees it under /sys/fs/cgroup."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(('files', 'quota'), [
+    ({'cpu.max': '150000 100000\n'}, 1.5),  # cgroup v2, limits.cpu: 1500m
+    ({'cpu.max': '50000 100000\n'}, 0.5),
+    ({'cpu.max': 'max 100000\n'}, None),  # v2 without a limit
+    ({'cpu.max': 'max 100000\n', 'cpu/cpu.cfs_quota_us': '100000\n', 'cpu/cpu.cfs_period_us': '100000\n'}, None),
+    ({'cpu/cpu.cfs_quota_us': '200000\n', 'cpu/cpu.cfs_period_us': '100000\n'}, 2.0),  # cgroup v1
+    ({'cpu/cpu.cfs_quota_us': '-1\n', 'cpu/cpu.cfs_period_us': '100000\n'}, None),  # v1 without a limit
+    ({'cpu.max': 'lots 100000\n'}, None),  # unreadable: as if there were none
+    ({'cpu.max': '100000 0\n'}, None),
+    ({}, None),  # no cgroup filesystem at all
+], ids=['v2-1.5', 'v2-0.5', 'v2-max', 'v2-first', 'v1-2', 'v1-none', 'garbage', 'zero-period', 'none'])
+def test_the_cgroup_cpu_quota_is_read_from_v2_else_v1(tmp_path: pathlib.Path, files: dict[str, str],
+                                                       quota: float | None) -> None:
+    assert cgroup_cpu_quota(cgroup_tree(tmp_path, files)) == quota
+
+
+def test_available_cpus_are_the_affinity_lowered_by_the_quota_rounded_up(tmp_path: pathlib.Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(cgroup_tree(tmp_path / 'none', {})) == affinity
+    assert available_cpus(cgroup_tree(tmp_path / 'half', {'cpu.max': '50000 100000'})) == 1  # never 0
+    assert available_cpus(cgroup_tree(tmp_path / 'one-and-a-half', {'cpu.max': '150000 100000'})) == min(affinity, 2)
+    assert available_cpus(cgroup_tree(tmp_path / 'many', {'cpu.max': '6400000 100000'})) == affinity
+
+
+@pytest.mark.parametrize(('value', 'cpus', 'count'), [
+    ('auto', 1, 0),  # one CPU: a child would only add the cost of talking to it
+    ('auto', 2, 2),
+    ('auto', 3, 3),
+    ('auto', 64, AUTO_LIMIT),
+    (0, 8, 0),  # a number is taken as it is
+    (7, 2, 7),
+])
+def test_auto_is_one_delivery_process_per_cpu_within_limits(value: int | str, cpus: int, count: int,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level('INFO', logger='reponotify.delivery_processes')
+    assert process_count(value, cpus) == count
+    if value == 'auto':
+        assert caplog.messages == [f"Delivery processes: {count} (auto, {cpus} CPU{'' if cpus == 1 else 's'} "
+                                   "available)"]
+    else:
+        assert caplog.messages == []

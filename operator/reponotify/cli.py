@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import click
 
 from reponotify.config import ReceiverSettings, Settings, SourceSettings
+from reponotify.delivery_processes import AUTO, AUTO_LIMIT, NICENESS
 from reponotify.dispatcher import DispatcherSettings, parse_schedule
 from reponotify.email_verification import DEFAULT_HOLD_MAX_AGE, VerificationSettings
 from reponotify.engine import EngineSettings
@@ -38,6 +39,22 @@ def option(*names: str, **kwargs: Any) -> Callable[[F], F]:
     long_name = next(name for name in names if name.startswith('--'))
     envvar = 'REPONOTIFY_' + long_name[2:].upper().replace('-', '_')
     return click.option(*names, envvar=envvar, show_envvar=True, **kwargs)
+
+
+MAX_DELIVERY_PROCESSES = 64
+
+
+class ProcessCount(click.ParamType):
+    """``auto``, or a number of processes from 0 to ``MAX_DELIVERY_PROCESSES``."""
+    name = 'auto|N'
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        text = str(value).strip().lower()
+        if text == AUTO:
+            return AUTO
+        if text.isdigit() and int(text) <= MAX_DELIVERY_PROCESSES:
+            return int(text)
+        self.fail(f"{value!r} is not 'auto' or a number from 0 to {MAX_DELIVERY_PROCESSES}", param, ctx)
 
 
 def _schedule(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
@@ -123,11 +140,13 @@ def common_options(function: F) -> F:
                help="Delays before each retry of a failed delivery (full jitter applies)."),
         option('--workers', type=click.IntRange(1, 10_000), default=64, show_default=True,
                help="Concurrent delivery attempts."),
-        option('--delivery-processes', type=click.IntRange(0, 64), default=0, show_default=True,
+        option('--delivery-processes', type=ProcessCount(), default=AUTO, show_default=True,
                help="Child processes making delivery attempts (webhook, Slack, Flowdock, HipChat, e-mail), "
-                    "so that sending uses more cores; 0 makes them in this process. The outbox, retries "
-                    "and status stay in this process; the children run at a lower CPU priority (nice +5), "
-                    "so that receiving comes first when the cores are busy."),
+                    "so that sending uses more cores; 0 makes them in this process. auto: one per CPU this "
+                    f"process may use (its CPU affinity and container CPU limit), at most {AUTO_LIMIT}, and "
+                    "0 with one CPU. The outbox, retries and status stay in this process; the children run "
+                    f"at a lower CPU priority (nice +{NICENESS}), so that receiving comes first when the cores "
+                    "are busy."),
         option('--per-target', type=click.IntRange(1, 10_000), default=16, show_default=True,
                help="Concurrent attempts to one target host, so a slow target cannot take every worker."),
         option('--timeout', type=click.FloatRange(0.1, 300), default=10.0, show_default=True,
@@ -213,7 +232,7 @@ def build_settings(host: str, port: int, token_file: pathlib.Path | None, token:
                    source_token_files: dict[str, pathlib.Path] | None = None,
                    source_hmac_secret_files: dict[str, pathlib.Path] | None = None,
                    unauthenticated_sources: tuple[str, ...] = (),
-                   delivery_processes: int = 0,
+                   delivery_processes: int | str = 0,
                    **_: Any) -> Settings:
     if token_file is not None:
         token = _read_secret_file(token_file, '--token-file')

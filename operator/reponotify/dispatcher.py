@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from reponotify.delivery_processes import DeliveryProcesses, child_settings
+from reponotify.delivery_processes import DeliveryProcesses, child_settings, process_count
 from reponotify.methods import AttemptResult, DeliveryContext
 from reponotify.inbox import Inbox
 from reponotify.methods.base import DEFAULT_TIMEOUT, Announce, MethodSettings
@@ -75,8 +75,9 @@ class DispatcherSettings:
     per_target: int = 16  # attempts in flight to one target (host), so a slow one cannot take every worker
     # The SSRF guard; None connects anywhere (the command line always sets one).
     target_policy: TargetPolicy | None = None
-    # Child processes making the attempts of methods that allow it (0: all in this process).
-    delivery_processes: int = 0
+    # Child processes making the attempts of methods that allow it (0: all in this process; 'auto':
+    # one per CPU, resolved when the dispatcher starts, see delivery_processes.process_count).
+    delivery_processes: int | str = 0
 
 
 class Dispatcher:
@@ -112,8 +113,9 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._http = delivery_session(self._settings.target_policy, self._settings.workers)
-        if self._settings.delivery_processes:
-            self._processes = DeliveryProcesses(self._settings.delivery_processes, child_settings(
+        count = process_count(self._settings.delivery_processes)
+        if count:
+            self._processes = DeliveryProcesses(count, child_settings(
                 self._settings.methods, self._settings.target_policy, connections=self._settings.workers))
             await self._processes.start()
         self._workers = [asyncio.create_task(self._work(), name=f'dispatcher-{i}')
