@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from reponotify import outbox as outbox_module
-from reponotify.events import Event, new_event, new_id, sample_payload
+from reponotify.events import Event, new_event, new_id, sample_payload, uuid4_text
 from reponotify.notifications import NotificationKey
 from reponotify.outbox import SCHEMA_VERSION, Outbox, OutboxError, PendingDelivery
 
@@ -342,6 +342,12 @@ async def test_an_idempotency_key_is_remembered_for_the_window_and_only_then(tmp
     db = sqlite3.connect(path)
     assert db.execute('SELECT key FROM idempotency').fetchall() == [('push-2',)]
     db.close()
+
+
+@pytest.mark.parametrize('random', [b'\x00' * 16, b'\xff' * 16, bytes(range(16)), os.urandom(16)],
+                         ids=['zeros', 'ones', 'counting', 'random'])
+def test_an_id_is_the_version_4_uuid_of_its_random_bytes(random: bytes) -> None:
+    assert uuid4_text(random) == str(uuid.UUID(bytes=random, version=4))
 
 
 def test_event_and_delivery_ids_are_distinct_random_uuids() -> None:
