@@ -303,7 +303,7 @@ def peer(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
     alert.write_text(ALERT)
     count = sizes.peer_count
     binary = alertmanager_binary()
-    ours, theirs = [], []
+    ours, theirs, floor = [], [], []
     with processes() as started:
         target = start_target(started, folder)
         for run in range(sizes.repeat):
@@ -326,6 +326,17 @@ def peer(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                     raise BenchError(f"Alertmanager sent {target.stats()['count']} notifications for {count} alerts")
                 manager.stop()
             target.reset()
+            relay = Process([PYTHON, str(BENCH / 'relay.py'), '--port', '0', '--target', f'{target.url}/hook'],
+                            name='relay', log=folder / f'relay-{run}.log')
+            started.append(relay)
+            port = int(relay.wait_for_line('PORT ').split()[1])
+            result = client('blast', f'http://{LOOPBACK}:{port}/v1/events/repo_push', body, count=count,
+                            concurrency=64)
+            accepted(result, count)
+            stats = target.wait_count(count, 120)
+            floor.append(count / (stats['last'] - result['first_send']))
+            relay.stop()
+            target.reset()
             process, base = standalone(started, folder, target, sizes, name=f'peer-{run}')
             wait_http(f'{base}/healthz', process=process)
             result = client('blast', f'{base}/v1/events/repo_push', body, count=count, concurrency=64)
@@ -337,14 +348,18 @@ def peer(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                     note='first ingest request to last delivery; aiohttp client, 64 concurrent, one event per '
                          f'request; reponotify: the standalone command, delivery processes: '
                          f'{sizes.delivery_processes}, durable outbox')
+    relay = Figure('peer', f'end to end, {count:,} events, bare aiohttp relay (the floor)', 'deliveries/s', floor,
+                   note='bench/relay.py: one uvloop process answering 202 and forwarding each body with aiohttp, '
+                        'nothing else (no routing, outbox or status): the most the Python stack gives')
     if binary is not None:
-        figure.reference_name = 'Prometheus Alertmanager (group_by ..., group_wait 0s), same load and target'
-        figure.reference_runs = theirs
+        for each in (figure, relay):
+            each.reference_name = 'Prometheus Alertmanager (group_by ..., group_wait 0s), same load and target'
+            each.reference_runs = theirs
         figure.goal = '> 1x Alertmanager'
         figure.met = median(ours) > median(theirs)
     else:
         figure.note += '; Alertmanager is not installed: no reference'
-    return [figure]
+    return [figure, relay]
 
 
 def memory(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
