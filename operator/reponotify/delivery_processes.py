@@ -269,9 +269,18 @@ class DeliveryProcesses:
         return [child.process.pid for child in self._children if child is not None]
 
     async def start(self) -> None:
-        """Start every child; returns once each is ready for attempts (its imports done: none wait on them)."""
-        for index in range(self._count):
-            self._children[index] = await self._spawn(index)
+        """
+        Start every child, all at once; returns once each is ready for attempts (its imports done: none
+        wait on them). If one cannot start, its error is raised; ``stop()`` closes those that did.
+        """
+        spawned = await asyncio.gather(*(self._spawn(index) for index in range(self._count)),
+                                       return_exceptions=True)
+        for index, child in enumerate(spawned):
+            if isinstance(child, _Child):
+                self._children[index] = child
+        errors = [error for error in spawned if isinstance(error, BaseException)]
+        if errors:
+            raise errors[0]
         self._keepers = [asyncio.create_task(self._keep(index), name=f'delivery-process-{index}')
                          for index in range(self._count)]
 
