@@ -16,7 +16,7 @@ from reponotify.engine import Engine, EngineSettings
 from reponotify.events import new_event, sample_payload
 from reponotify.models import REPOSITORY_OR_GLOB_PATTERN, REPOSITORY_PATTERN
 from reponotify.notifications import InvalidSpec, NotificationKey, compile_notification, parse_spec
-from reponotify.routing import RoutingTable, glob_regex
+from reponotify.routing import SMALL_ROUTE, RoutingTable, glob_regex
 from reponotify.standalone import ManifestSecrets, StatusFile
 from reponotify.status import ReadyCondition
 
@@ -91,6 +91,29 @@ async def test_routing_table_keeps_exact_routes_in_a_dict_and_globs_apart() -> N
     for name in ('exact', 'glob', 'builds'):
         table.remove(NotificationKey('ns', name))
     assert len(table) == 0 and table._by_route == {} and table._globs == {}
+
+
+async def test_a_route_with_many_notifications_keeps_them_in_order_through_puts_and_removes() -> None:
+    # Past a handful, a route's notifications are kept by key: adding or removing one must cost the same
+    # with thousands on the route (a popular repository) and keep the order a tuple kept.
+    table = RoutingTable()
+    notifications = [await compiled(f'n{i}', 'acme/web') for i in range(3 * SMALL_ROUTE)]
+    for notification in notifications:
+        table.put(notification)
+    names = [f'n{i}' for i in range(3 * SMALL_ROUTE)]
+    assert [n.key.name for n in table.candidates('acme/web', 'repo_push')] == names
+    table.put(await compiled('n1', 'acme/web'))  # replaced: it goes last, as a new one would
+    assert [n.key.name for n in table.candidates('acme/web', 'repo_push')] == names[:1] + names[2:] + ['n1']
+    for name in names[::2]:
+        table.remove(NotificationKey('ns', name))
+    assert [n.key.name for n in table.candidates('acme/web', 'repo_push')] == names[3::2] + ['n1']
+    assert [n.key.name for n in table.match(new_event('repo_push', sample_payload('repo_push', 'acme/web')))] == \
+        names[3::2] + ['n1']
+    table.put(await compiled('n3', 'acme/api'))  # moved to another route
+    assert 'n3' not in [n.key.name for n in table.candidates('acme/web', 'repo_push')]
+    for name in names[1::2]:
+        table.remove(NotificationKey('ns', name))
+    assert len(table) == 0 and table._by_route == {}
 
 
 async def test_exact_and_glob_notifications_are_each_delivered_once(tmp_path, http_target: HttpTarget) -> None:

@@ -33,6 +33,13 @@ from reponotify.notifications import Notification, NotificationKey
 
 Route = tuple[str, str]  # (repository, event kind)
 GlobBucket = tuple[str, str | None]  # (event kind, the glob's literal first path component, or None)
+# A route's notifications, in the order they were put: a tuple while there are few (most routes have
+# one, and a tuple is the smallest container: memory per notification), a dict by key past SMALL_ROUTE,
+# so that putting or removing one on a route with thousands (a popular repository) costs what it does
+# on a route with one. Measured with tuples only: 40,000 notifications on one route took 11 s to put,
+# and removing 2,000 of them 21 s, all on the event loop.
+RouteEntries = tuple[Notification, ...] | dict[NotificationKey, Notification]
+SMALL_ROUTE = 8
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -50,7 +57,7 @@ class RoutingTable:
     """Compiled notifications indexed by route (exact repositories), by glob bucket and by key."""
 
     def __init__(self) -> None:
-        self._by_route: dict[Route, tuple[Notification, ...]] = {}  # a tuple: most routes have one (memory)
+        self._by_route: dict[Route, RouteEntries] = {}
         self._globs: dict[GlobBucket, dict[NotificationKey, tuple[re.Pattern[str], Notification]]] = {}
         self._by_key: dict[NotificationKey, Notification] = {}
 
@@ -68,8 +75,7 @@ class RoutingTable:
             bucket = glob_bucket(notification.repository, notification.event)
             self._globs.setdefault(bucket, {})[notification.key] = entry
         else:
-            route = (notification.repository, notification.event)
-            self._by_route[route] = (*self._by_route.get(route, ()), notification)
+            self._add_to_route((notification.repository, notification.event), notification)
         self._by_key[notification.key] = notification
 
     def remove(self, key: NotificationKey) -> None:
@@ -83,16 +89,31 @@ class RoutingTable:
             if not globs:
                 del self._globs[bucket]
         else:
-            route = (old.repository, old.event)
-            remaining = tuple(entry for entry in self._by_route[route] if entry.key != key)
-            if remaining:
-                self._by_route[route] = remaining
-            else:
-                del self._by_route[route]
+            self._remove_from_route((old.repository, old.event), key)
+
+    def _add_to_route(self, route: Route, notification: Notification) -> None:
+        entries = self._by_route.get(route, ())
+        if isinstance(entries, dict):
+            entries[notification.key] = notification
+        elif len(entries) < SMALL_ROUTE:
+            self._by_route[route] = (*entries, notification)
+        else:
+            self._by_route[route] = {entry.key: entry for entry in (*entries, notification)}
+
+    def _remove_from_route(self, route: Route, key: NotificationKey) -> None:
+        entries = self._by_route[route]
+        if isinstance(entries, dict):
+            del entries[key]
+        else:
+            entries = tuple(entry for entry in entries if entry.key != key)
+            self._by_route[route] = entries
+        if not entries:
+            del self._by_route[route]
 
     def candidates(self, repository: str, kind: str) -> list[Notification]:
         """The notifications on a route, exact ones first, then matching globs; before filters."""
-        found = list(self._by_route.get((repository, kind), ()))
+        entries = self._by_route.get((repository, kind), ())
+        found = list(entries.values() if isinstance(entries, dict) else entries)
         if self._globs:
             for bucket in ((kind, repository.split('/', 1)[0]), (kind, None)):
                 globs = self._globs.get(bucket)
