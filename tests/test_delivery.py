@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from conftest import Reply, eventually
+from aiohttp import web
+from conftest import Reply, eventually, serve_on_loopback
 from reponotify.dispatcher import DispatcherSettings
 from reponotify.engine import Engine, EngineSettings
 from reponotify.events import sample_payload
@@ -365,3 +366,37 @@ async def test_a_delivery_completed_before_a_graceful_stop_is_not_resumed(tmp_pa
         assert await reopened.open() == 0  # nothing to resume
     finally:
         await reopened.close()
+
+
+async def test_per_target_limits_the_attempts_in_flight_to_one_webhook_host(tmp_path) -> None:
+    # Six notifications, each with a URL of its own on one host that answers slowly: with
+    # --per-target 2, two attempts are in flight there at a time, whatever the free workers.
+    in_flight, most = 0, 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.2)
+        in_flight -= 1
+        return web.Response(text='ok')
+
+    app = web.Application()
+    app.router.add_post('/hooks/{name}', slow)
+    runner, port = await serve_on_loopback(app)
+    engine = Engine(EngineSettings(dispatcher=DispatcherSettings(workers=8, per_target=2, retry_schedule=FAST,
+                                                                 delivery_processes=DELIVERY_PROCESSES[0]),
+                                   status_interval=0.0))
+    keys = [NotificationKey('team-a', f'hook-{i}') for i in range(6)]
+    for key in keys:
+        engine.put_notification(await compile_notification(
+            key, webhook(f'http://127.0.0.1:{port}/hooks/{key.name}'), ManifestSecrets({})))
+    await engine.start(StatusFile(tmp_path / 'status.json'))
+    try:
+        assert (await engine.ingest('repo_push', sample_payload('repo_push', REPOSITORY))).matched == 6
+        await eventually(lambda: all(engine.book.status(key)['deliveries']['succeeded'] == 1 for key in keys),
+                         "every notification's delivery to succeed")
+    finally:
+        await engine.stop()
+        await runner.cleanup()
+    assert most == 2

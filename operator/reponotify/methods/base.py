@@ -99,7 +99,10 @@ class Method(abc.ABC):
         return config
 
     def target_key(self, target: Any) -> str | None:
-        """What identifies the target for per-target concurrency limits (None: the notification itself)."""
+        """
+        What identifies the target for the per-target concurrency limit (``--per-target``): the host
+        the attempts go to, shared by every notification sending there; None: the notification itself.
+        """
         return None
 
     @abc.abstractmethod

@@ -218,6 +218,9 @@ class EmailMethod(Method):
         assert isinstance(config, EmailConfig)
         return EmailTarget(recipient=config.email)
 
+    def target_key(self, target: Any) -> str | None:
+        return 'smtp'  # one SMTP server (--smtp-host) for every mail
+
     async def deliver(self, target: Any, event: Event, context: DeliveryContext) -> AttemptResult:
         assert isinstance(target, EmailTarget)
         smtp = context.settings.smtp

@@ -56,6 +56,9 @@ class FlowdockMethod(Method):
     name: ClassVar[str] = 'flowdock'
     config_model: ClassVar[type[MethodConfig]] = FlowdockConfig
 
+    def target_key(self, target: Any) -> str | None:
+        return 'flowdock'  # one API (--flowdock-api-url) for every Flowdock notification
+
     async def deliver(self, target: Any, event: Event, context: DeliveryContext) -> AttemptResult:
         assert isinstance(target, FlowdockConfig)
         url = f"{context.settings.flowdock_api_url.rstrip('/')}/{target.flow_api_token.get_secret_value()}"

@@ -66,6 +66,9 @@ class HipchatMethod(Method):
     name: ClassVar[str] = 'hipchat'
     config_model: ClassVar[type[MethodConfig]] = HipchatConfig
 
+    def target_key(self, target: Any) -> str | None:
+        return 'hipchat'  # one API (--hipchat-api-url) for every HipChat notification
+
     async def deliver(self, target: Any, event: Event, context: DeliveryContext) -> AttemptResult:
         assert isinstance(target, HipchatConfig)
         query = urlencode({'auth_token': target.notification_token.get_secret_value()})

@@ -38,7 +38,8 @@ import yarl
 
 from reponotify.bodytemplate import BodyTemplate, compile_template
 from reponotify.events import Event
-from reponotify.methods.base import AttemptResult, DeliveryContext, Method, MethodConfig, http_url, post_json
+from reponotify.methods.base import (AttemptResult, DeliveryContext, Method, MethodConfig, http_url, post_json,
+                                     url_target_key)
 
 SIGNING_SECRET_PREFIX = 'whsec_'
 SIGNING_KEY_BYTES = (24, 64)  # Standard Webhooks: a secret of 24 to 64 random bytes
@@ -236,6 +237,9 @@ class WebhookMethod(Method):
             signing_key=signing_key(config.signingSecret) if config.signingSecret is not None else None,
             tls=config.tls,
         )
+
+    def target_key(self, target: Any) -> str | None:
+        return url_target_key(target.url.get_secret_value())  # the host: notifications share it
 
     async def deliver(self, target: Any, event: Event, context: DeliveryContext) -> AttemptResult:
         if target.template:
