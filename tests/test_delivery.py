@@ -394,8 +394,11 @@ async def test_per_target_limits_the_attempts_in_flight_to_one_webhook_host(tmp_
     await engine.start(StatusFile(tmp_path / 'status.json'))
     try:
         assert (await engine.ingest('repo_push', sample_payload('repo_push', REPOSITORY))).matched == 6
+        # The other four wait, parked rather than taken and put back again and again, until one ends.
+        await eventually(lambda: engine.dispatcher.parked == 4, "four deliveries parked")
         await eventually(lambda: all(engine.book.status(key)['deliveries']['succeeded'] == 1 for key in keys),
                          "every notification's delivery to succeed")
+        assert engine.dispatcher.parked == 0
     finally:
         await engine.stop()
         await runner.cleanup()

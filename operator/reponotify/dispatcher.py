@@ -36,7 +36,6 @@ from reponotify.targets import TargetPolicy, delivery_session
 logger = logging.getLogger(__name__)
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0)
-TARGET_BUSY_DELAY = 0.05  # seconds before a delivery to a target at its concurrency limit is tried again
 
 _DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$')
 _UNITS = {'ms': 0.001, 's': 1.0, 'm': 60.0, 'h': 3600.0, None: 1.0}
@@ -103,8 +102,17 @@ class Dispatcher:
         self._workers: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[Any]] = set()  # workers in the middle of an attempt
         self._per_target: collections.Counter[str] = collections.Counter()  # attempts in flight per target
+        # Deliveries to a target at its limit, oldest first: each attempt to it that ends sends one back to
+        # the schedule. (Put back into the schedule with a delay instead, every delivery to a busy target
+        # would be taken and put back again at every delay: CPU in proportion to the backlog.)
+        self._parked: dict[str, collections.deque[PendingDelivery]] = {}
         self._processes: DeliveryProcesses | None = None
         self._closing = False
+
+    @property
+    def parked(self) -> int:
+        """How many due deliveries wait for their target to have an attempt less in flight."""
+        return sum(len(parked) for parked in self._parked.values())
 
     @property
     def processes(self) -> DeliveryProcesses | None:
@@ -187,7 +195,7 @@ class Dispatcher:
 
         target = notification.method.target_key(notification.target) or str(notification.key)
         if self._per_target[target] >= self._settings.per_target:
-            await self._outbox.postpone(delivery, TARGET_BUSY_DELAY)  # free this worker for other targets
+            self._parked.setdefault(target, collections.deque()).append(delivery)  # this worker goes on
             return
         self._per_target[target] += 1
         try:
@@ -196,6 +204,7 @@ class Dispatcher:
             self._per_target[target] -= 1
             if not self._per_target[target]:
                 del self._per_target[target]
+            await self._unpark(target)
         delivery.attempts += 1
         if self._routing.get(delivery.key) is None:  # deleted during the attempt: it has no status to update
             await self._outbox.complete(delivery)
@@ -215,6 +224,15 @@ class Dispatcher:
             self._record(delivery, DeliveryOutcome.RETRYING, f"{result.message}; retrying in {delay:.1f}s",
                          result, duration_ms)
             await self._outbox.retry_later(delivery, delay)
+
+    async def _unpark(self, target: str) -> None:
+        """An attempt to ``target`` ended: the delivery parked longest for it is due again, now."""
+        parked = self._parked.get(target)
+        if parked:
+            delivery = parked.popleft()
+            if not parked:
+                del self._parked[target]
+            await self._outbox.postpone(delivery, 0.0)
 
     async def _attempt(self, notification: Notification, delivery: PendingDelivery) -> tuple[AttemptResult, int]:
         assert self._http is not None, "the dispatcher is not started"
