@@ -129,7 +129,7 @@ async def test_a_child_runs_at_a_lower_cpu_priority_than_its_parent(http_target:
         [child] = pids(engine)
         parent_niceness = os.getpriority(os.PRIO_PROCESS, 0)
         assert os.getpriority(os.PRIO_PROCESS, child) == min(parent_niceness + NICENESS, 19)
-        assert NICENESS == 5
+        assert NICENESS == 15
         await engine.ingest('repo_push', sample_payload('repo_push', 'acme/web'))
         await last_delivery(engine, 'Succeeded')
 
