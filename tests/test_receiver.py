@@ -5,7 +5,11 @@ bad input changes nothing (the outbox stays empty although a notification would 
 The engine's dispatcher is not started in most tests, so ``engine.outbox`` holds exactly
 what the receiver queued. One test runs the dispatcher and checks the target itself.
 """
+import asyncio
 import json
+import select
+import socket
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -290,6 +294,50 @@ async def test_receiver_on_a_real_port(engine: Engine, unused_tcp_port: int) -> 
     finally:
         await runner.cleanup()
     assert len(engine.outbox) == 1
+
+
+async def test_a_burst_of_connections_while_the_receiver_is_busy_waits_to_be_served(
+        engine: Engine, unused_tcp_port: int) -> None:
+    """
+    New connections arriving while the event loop is busy wait in the kernel's queue, 300 of them at
+    least: past the queue, a client's SYN is dropped and it waits a second or more to try again.
+    """
+    from reponotify.receiver import serve
+
+    runner = await serve(make_app(engine, token=TOKEN), '127.0.0.1', unused_tcp_port)
+    sockets: list[socket.socket] = []
+    try:
+        # The loop is blocked from here to the first await: nothing accepts, only the kernel queues.
+        for _ in range(300):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(('127.0.0.1', unused_tcp_port))
+            sockets.append(sock)
+        poller = select.poll()
+        for sock in sockets:
+            poller.register(sock, select.POLLOUT)
+        connected: set[int] = set()
+        deadline = time.monotonic() + 2.0  # a dropped SYN is not retried for a second: it stays out
+        while len(connected) < len(sockets) and time.monotonic() < deadline:
+            connected.update(fd for fd, _ in poller.poll(100))
+        assert len(connected) == 300
+        for sock in sockets:
+            sock.send(b'GET /healthz HTTP/1.1\r\nHost: receiver\r\nConnection: close\r\n\r\n')
+
+        loop = asyncio.get_running_loop()
+
+        async def answer(sock: socket.socket) -> bytes:
+            data = b''
+            while chunk := await loop.sock_recv(sock, 4096):
+                data += chunk
+            return data
+
+        answers = await asyncio.wait_for(asyncio.gather(*(answer(sock) for sock in sockets)), 30)
+        assert {answer.split(b'\r\n', 1)[0] for answer in answers} == {b'HTTP/1.1 200 OK'}
+    finally:
+        for sock in sockets:
+            sock.close()
+        await runner.cleanup()
 
 
 async def test_repository_with_a_trailing_newline_is_422(client: TestClient, engine: Engine) -> None:
