@@ -70,6 +70,9 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
+ANSWER_TIMEOUT = 60.0  # seconds the rate mode waits for the last answers before giving up
+
+
 class PacedConnection(asyncio.Protocol):
     """
     One keep-alive HTTP/1.1 connection of the ``rate`` mode: one request at a time.
@@ -98,11 +101,11 @@ class PacedConnection(asyncio.Protocol):
         if head_end < 0:
             return
         head = bytes(self.buffer[:head_end]).lower()
-        length = 0
         at = head.find(b'\r\ncontent-length:')
-        if at >= 0:
-            line_end = head.find(b'\r\n', at + 2)
-            length = int(head[at + 17:line_end if line_end >= 0 else None])
+        if at < 0:  # the servers measured here all send one; a chunked body would be misread
+            raise SystemExit(f"rate mode reads answers with a Content-Length only, got: {head[:300]!r}")
+        line_end = head.find(b'\r\n', at + 2)
+        length = int(head[at + 17:line_end if line_end >= 0 else None])
         if len(self.buffer) < head_end + 4 + length:
             return  # the rest of the body is still on its way
         del self.buffer[:head_end + 4 + length]
@@ -191,7 +194,10 @@ class PacedClient:
                 index += 1
         self.sending_done = True
         if self.in_flight:
-            await self.all_answered.wait()
+            try:
+                await asyncio.wait_for(self.all_answered.wait(), ANSWER_TIMEOUT)
+            except TimeoutError:
+                raise SystemExit(f"{self.in_flight} requests unanswered {ANSWER_TIMEOUT:g}s after the last was sent")
         elapsed = time.monotonic() - self.start
         latencies = sorted(self.latencies)
         return {'sent': self.total, 'statuses': {str(k): v for k, v in self.statuses.items()},
