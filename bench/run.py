@@ -220,7 +220,9 @@ def ingest(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                bare_rates, goal='>= 3,000 events/s', met=median(rates) >= 3000,
                note=f"load: {tool}; deliveries run alongside (one notification matches)"),
         Figure('ingest', f'p50 latency at half load ({half:,.0f}/s)', 'ms', p50, reference, bare_p50,
-               higher_is_better=False, note='open-loop client on raw keep-alive connections (bench/client.py rate); latency from the scheduled send time'),
+               higher_is_better=False,
+               note='open-loop client on raw keep-alive connections (bench/client.py rate); '
+                    'latency from the scheduled send time'),
         Figure('ingest', f'p99 latency at half load ({half:,.0f}/s)', 'ms', p99, reference, bare_p99,
                goal='< 20 ms', met=median(p99) < 20, higher_is_better=False),
     ]

@@ -317,7 +317,7 @@ async def test_a_burst_of_connections_while_the_receiver_is_busy_waits_to_be_ser
         for sock in sockets:
             poller.register(sock, select.POLLOUT)
         connected: set[int] = set()
-        deadline = time.monotonic() + 2.0  # a dropped SYN is not retried for a second: it stays out
+        deadline = time.monotonic() + 2.0  # the queue stays full while the loop is blocked: a dropped SYN stays out
         while len(connected) < len(sockets) and time.monotonic() < deadline:
             connected.update(fd for fd, _ in poller.poll(100))
         assert len(connected) == 300
