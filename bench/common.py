@@ -4,6 +4,7 @@ Shared pieces of the benchmark: processes on loopback, figures, medians.
 Everything the benchmark starts listens on 127.0.0.1 and is stopped by the
 benchmark itself (by process id), also when a scenario fails.
 """
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -33,6 +34,25 @@ class BenchError(Exception):
 
 class Skipped(Exception):
     """A scenario cannot run here (an external tool is missing); the message says which."""
+
+
+# -- the reference servers -----------------------------------------------------------------------
+
+async def serve_until_stopped(app: Any, host: str, port: int) -> None:
+    """
+    Serve an aiohttp application (bench/bare_server.py, bench/relay.py) until the benchmark stops it.
+
+    Prints ``PORT <n>`` once listening (``Process.wait_for_line`` reads it). The listen backlog is
+    reponotify's receiver's (1024), so that the references queue connection bursts as it does.
+    """
+    from aiohttp import web  # the servers' need only: the benchmark's driver does not import aiohttp
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    print(f'PORT {site._server.sockets[0].getsockname()[1]}', flush=True)  # type: ignore[union-attr]
+    await asyncio.Event().wait()  # until the benchmark stops us (SIGTERM)
 
 
 # -- figures -------------------------------------------------------------------------------------

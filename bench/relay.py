@@ -16,6 +16,7 @@ import asyncio
 import aiohttp
 import uvloop
 from aiohttp import web
+from common import serve_until_stopped
 
 CONNECTIONS = 64  # as reponotify's --workers and --per-target in the benchmark
 
@@ -42,12 +43,7 @@ async def main() -> None:
 
     app = web.Application()
     app.router.add_post('/v1/events/{event}', accept)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, backlog=1024)
-    await site.start()
-    print(f'PORT {site._server.sockets[0].getsockname()[1]}', flush=True)  # type: ignore[union-attr]
-    await asyncio.Event().wait()  # until the benchmark stops us (SIGTERM)
+    await serve_until_stopped(app, args.host, args.port)
 
 
 if __name__ == '__main__':
