@@ -242,6 +242,14 @@ def wait_idle(target: Target, before: int, quiet: float = 0.5, timeout: float = 
     raise BenchError(f"the target was still receiving after {timeout:g}s ({last - before} deliveries)")
 
 
+def end_to_end(url: str, body: pathlib.Path, count: int, target: Target, timeout: float) -> float:
+    """POSTs/s from the first of ``count`` requests to ``url`` (64 concurrent) to the last the target got."""
+    result = client('blast', url, body, count=count, concurrency=64)
+    accepted(result, count)
+    stats = target.wait_count(count, timeout)
+    return count / (stats['last'] - result['first_send'])
+
+
 def delivery(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
     body = sample_body(folder)
     count = sizes.delivery_count
@@ -250,10 +258,7 @@ def delivery(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
         target = start_target(started, folder)
         for run in range(sizes.repeat):
             target.reset()
-            result = client('blast', f'{target.url}/hook', body, count=count, concurrency=64)
-            accepted(result, count)
-            stats = target.wait_count(count, 30)
-            bare.append(count / (stats['last'] - result['first_send']))
+            bare.append(end_to_end(f'{target.url}/hook', body, count, target, 30))
             for mode, runs in (('fanout', fanout), ('many', many)):
                 target.reset()
                 work = folder / f'{mode}-{run}'
@@ -319,10 +324,7 @@ def peer(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                                    '--log.level=warn'], name='alertmanager', log=folder / f'alertmanager-{run}.log')
                 started.append(manager)
                 wait_http(f'http://{LOOPBACK}:{port}/-/ready', process=manager)
-                result = client('blast', f'http://{LOOPBACK}:{port}/api/v2/alerts', alert, count=count, concurrency=64)
-                accepted(result, count)
-                stats = target.wait_count(count, 120)
-                theirs.append(count / (stats['last'] - result['first_send']))
+                theirs.append(end_to_end(f'http://{LOOPBACK}:{port}/api/v2/alerts', alert, count, target, 120))
                 time.sleep(0.3)
                 if target.stats()['count'] != count:
                     raise BenchError(f"Alertmanager sent {target.stats()['count']} notifications for {count} alerts")
@@ -332,36 +334,30 @@ def peer(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                             name='relay', log=folder / f'relay-{run}.log')
             started.append(relay)
             port = int(relay.wait_for_line('PORT ').split()[1])
-            result = client('blast', f'http://{LOOPBACK}:{port}/v1/events/repo_push', body, count=count,
-                            concurrency=64)
-            accepted(result, count)
-            stats = target.wait_count(count, 120)
-            floor.append(count / (stats['last'] - result['first_send']))
+            floor.append(end_to_end(f'http://{LOOPBACK}:{port}/v1/events/repo_push', body, count, target, 120))
             relay.stop()
             target.reset()
             process, base = standalone(started, folder, target, sizes, name=f'peer-{run}')
             wait_http(f'{base}/healthz', process=process)
-            result = client('blast', f'{base}/v1/events/repo_push', body, count=count, concurrency=64)
-            accepted(result, count)
-            stats = target.wait_count(count, 300)
-            ours.append(count / (stats['last'] - result['first_send']))
+            ours.append(end_to_end(f'{base}/v1/events/repo_push', body, count, target, 300))
             process.stop()
     figure = Figure('peer', f'end to end, {count:,} events to one webhook each', 'deliveries/s', ours,
                     note='first ingest request to last delivery; aiohttp client, 64 concurrent, one event per '
                          f'request; reponotify: the standalone command, delivery processes: '
                          f'{sizes.delivery_processes}, durable outbox')
-    relay = Figure('peer', f'end to end, {count:,} events, bare aiohttp relay (the floor)', 'deliveries/s', floor,
-                   note='bench/relay.py: one uvloop process answering 202 and forwarding each body with aiohttp, '
-                        'nothing else (no routing, outbox or status): the most the Python stack gives')
+    floor_figure = Figure(
+        'peer', f'end to end, {count:,} events, bare aiohttp relay (the floor)', 'deliveries/s', floor,
+        note='bench/relay.py: one uvloop process answering 202 and forwarding each body with aiohttp, '
+             'nothing else (no routing, outbox or status): the most the Python stack gives')
     if binary is not None:
-        for each in (figure, relay):
+        for each in (figure, floor_figure):
             each.reference_name = 'Prometheus Alertmanager (group_by ..., group_wait 0s), same load and target'
             each.reference_runs = theirs
         figure.goal = '> 1x Alertmanager'
         figure.met = median(ours) > median(theirs)
     else:
         figure.note += '; Alertmanager is not installed: no reference'
-    return [figure, relay]
+    return [figure, floor_figure]
 
 
 def memory(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
