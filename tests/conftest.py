@@ -91,11 +91,11 @@ class HttpTarget:
             await self._runner.cleanup()
 
 
-async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, int]:
+async def serve_on_loopback(app: web.Application, backlog: int = 128) -> tuple[web.AppRunner, int]:
     """Serve an aiohttp app on a free loopback port; returns its runner (to clean up) and the port."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, '127.0.0.1', 0)
+    site = web.TCPSite(runner, '127.0.0.1', 0, backlog=backlog)
     await site.start()
     return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
+from conftest import serve_on_loopback
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -42,27 +43,21 @@ class ThreadedServer:
 
     def serve(self) -> Iterator['ThreadedServer']:
         loop = asyncio.new_event_loop()
-        started = threading.Event()
-        runner: list[web.AppRunner] = []
 
-        async def start() -> None:
+        async def start() -> web.AppRunner:
             app = web.Application()
             app.router.add_post('/v1/events/{event}', self._accept)
-            runner.append(web.AppRunner(app, access_log=None))
-            await runner[0].setup()
-            site = web.TCPSite(runner[0], '127.0.0.1', 0, backlog=1024)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            started.set()
+            # The receiver's backlog: the burst of connections the frozen server gets waits in the queue.
+            runner, self.port = await serve_on_loopback(app, backlog=1024)
+            return runner
 
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
-        asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
-        started.wait(10)
+        runner = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
         try:
             yield self
         finally:
-            asyncio.run_coroutine_threadsafe(runner[0].cleanup(), loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
             loop.close()
