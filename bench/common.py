@@ -140,6 +140,10 @@ class Process:
     def pid(self) -> int:
         return self.popen.pid
 
+    def cpu_seconds(self) -> dict[int, float]:
+        """CPU time used so far by this process and every live process it started (its process group)."""
+        return group_cpu_seconds(self.pid)  # started in a session of its own: the group's id is its pid
+
     def output(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors='replace')
@@ -285,6 +289,38 @@ def rss_bytes(pid: int | None = None) -> int:
             if line.startswith('VmRSS:'):
                 return int(line.split()[1]) * 1024
     raise BenchError("no VmRSS in /proc (not Linux?)")
+
+
+CLOCK_TICKS = os.sysconf('SC_CLK_TCK')  # the unit of /proc/<pid>/stat's CPU times
+
+
+def group_cpu_seconds(group: int) -> dict[int, float]:
+    """
+    CPU time (user + system, all threads) each live process of a process group has used, by pid, from /proc.
+
+    The kernel counts it in clock ticks (10 ms): a figure made of it needs thousands of events.
+    """
+    used = {}
+    for entry in os.scandir('/proc'):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry.name}/stat') as file:
+                # After the command name in parentheses (which may hold spaces): state, ppid, pgrp, ...
+                fields = file.read().rpartition(')')[2].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[2]) == group:
+            used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    if not used:
+        raise BenchError(f"no process of group {group} in /proc (not Linux, or it exited)")
+    return used
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float], main: int) -> tuple[float, float]:
+    """CPU seconds used between two snapshots of a group: by its ``main`` process, and by the others."""
+    spent = {pid: seconds - before.get(pid, 0.0) for pid, seconds in after.items()}
+    return spent.get(main, 0.0), sum(seconds for pid, seconds in spent.items() if pid != main)
 
 
 def machine() -> dict[str, Any]:

@@ -30,8 +30,8 @@ BENCH = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from common import (LOOPBACK, PYTHON, ROOT, BenchError, Figure, Process, Skipped, Target,  # noqa: E402
-                    free_port, load_average, machine, median, processes, run_json, start_target, wait_http,
-                    workdir)
+                    cpu_used, free_port, load_average, machine, median, processes, run_json, start_target,
+                    wait_http, workdir)
 from reponotify.delivery_processes import process_count  # noqa: E402
 from reponotify.eventloop import DEFAULT_EVENT_LOOP, EVENT_LOOPS  # noqa: E402
 
@@ -250,6 +250,18 @@ def end_to_end(url: str, body: pathlib.Path, count: int, target: Target, timeout
     return count / (stats['last'] - result['first_send'])
 
 
+def end_to_end_cpu(process: Process, url: str, body: pathlib.Path, count: int, target: Target,
+                   timeout: float) -> tuple[float, float, float]:
+    """
+    end_to_end() through ``process``, with the CPU time it and its child processes used meanwhile:
+    (POSTs/s, its own us per event, its children's us per event).
+    """
+    before = process.cpu_seconds()
+    rate = end_to_end(url, body, count, target, timeout)
+    main, children = cpu_used(before, process.cpu_seconds(), process.pid)
+    return rate, main / count * 1e6, children / count * 1e6
+
+
 def delivery(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
     body = sample_body(folder)
     count = sizes.delivery_count
@@ -311,6 +323,8 @@ def peer(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
     count = sizes.peer_count
     binary = alertmanager_binary()
     ours, theirs, floor = [], [], []
+    # CPU per event (us) in each end-to-end run: what the 2 cores are spent on, and so why a figure is what it is.
+    ours_cpu, receiver_cpu, senders_cpu, theirs_cpu, floor_cpu = [], [], [], [], []
     with processes() as started:
         target = start_target(started, folder)
         for run in range(sizes.repeat):
@@ -324,7 +338,10 @@ def peer(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                                    '--log.level=warn'], name='alertmanager', log=folder / f'alertmanager-{run}.log')
                 started.append(manager)
                 wait_http(f'http://{LOOPBACK}:{port}/-/ready', process=manager)
-                theirs.append(end_to_end(f'http://{LOOPBACK}:{port}/api/v2/alerts', alert, count, target, 120))
+                alerts_url = f'http://{LOOPBACK}:{port}/api/v2/alerts'
+                rate, main, _ = end_to_end_cpu(manager, alerts_url, alert, count, target, 120)
+                theirs.append(rate)
+                theirs_cpu.append(main)
                 time.sleep(0.3)
                 if target.stats()['count'] != count:
                     raise BenchError(f"Alertmanager sent {target.stats()['count']} notifications for {count} alerts")
@@ -334,12 +351,19 @@ def peer(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
                             name='relay', log=folder / f'relay-{run}.log')
             started.append(relay)
             port = int(relay.wait_for_line('PORT ').split()[1])
-            floor.append(end_to_end(f'http://{LOOPBACK}:{port}/v1/events/repo_push', body, count, target, 120))
+            relay_url = f'http://{LOOPBACK}:{port}/v1/events/repo_push'
+            rate, main, _ = end_to_end_cpu(relay, relay_url, body, count, target, 120)
+            floor.append(rate)
+            floor_cpu.append(main)
             relay.stop()
             target.reset()
             process, base = standalone(started, folder, target, sizes, name=f'peer-{run}')
             wait_http(f'{base}/healthz', process=process)
-            ours.append(end_to_end(f'{base}/v1/events/repo_push', body, count, target, 300))
+            rate, main, children = end_to_end_cpu(process, f'{base}/v1/events/repo_push', body, count, target, 300)
+            ours.append(rate)
+            ours_cpu.append(main + children)
+            receiver_cpu.append(main)
+            senders_cpu.append(children)
             process.stop()
     figure = Figure('peer', f'end to end, {count:,} events to one webhook each', 'deliveries/s', ours,
                     note='first ingest request to last delivery; aiohttp client, 64 concurrent, one event per '
@@ -349,15 +373,26 @@ def peer(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
         'peer', f'end to end, {count:,} events, bare aiohttp relay (the floor)', 'deliveries/s', floor,
         note='bench/relay.py: one uvloop process answering 202 and forwarding each body with aiohttp, '
              'nothing else (no routing, outbox or status): the most the Python stack gives')
+    cpu_note = ('CPU time (user + system) the process and its children used during the end-to-end run, per event; '
+                'the load client and the target use the same cores')
+    cpu_figure = Figure(
+        'peer', 'CPU per event end to end, reponotify', 'µs', ours_cpu, higher_is_better=False,
+        note=f'{cpu_note}: the receiving process {median(receiver_cpu):.0f} µs, the delivery processes '
+             f'{median(senders_cpu):.0f} µs (medians)')
+    floor_cpu_figure = Figure('peer', 'CPU per event end to end, bare aiohttp relay', 'µs', floor_cpu,
+                              higher_is_better=False, note=cpu_note)
     if binary is not None:
         for each in (figure, floor_figure):
             each.reference_name = 'Prometheus Alertmanager (group_by ..., group_wait 0s), same load and target'
             each.reference_runs = theirs
+        for each in (cpu_figure, floor_cpu_figure):
+            each.reference_name = 'Prometheus Alertmanager, same run'
+            each.reference_runs = theirs_cpu
         figure.goal = '> 1x Alertmanager'
         figure.met = median(ours) > median(theirs)
     else:
         figure.note += '; Alertmanager is not installed: no reference'
-    return [figure, floor_figure]
+    return [figure, floor_figure, cpu_figure, floor_cpu_figure]
 
 
 def memory(sizes: Sizes, folder: pathlib.Path) -> list[Figure]:
