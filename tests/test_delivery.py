@@ -286,6 +286,10 @@ async def test_slack_url_is_never_shown(http_target, tmp_path) -> None:
     # urlsplit's own errors repeat the URL (and its credentials): they must not reach the message
     ('https://alice:pa\uff03ssSECRET@hooks.example/x', "spec.config.url: is not a valid URL"),
     ('http://[SECRET/x', "spec.config.url: is not a valid URL"),
+    # A port aiohttp cannot use was accepted, then every attempt raised (retried forever, never counted).
+    ('http://alice:SECRET@hooks.example:99999/x', "spec.config.url: has an invalid port (1 to 65535)"),
+    ('http://alice:SECRET@hooks.example:0/x', "spec.config.url: has an invalid port (1 to 65535)"),
+    ('http://alice:SECRET@hooks.example:abc/x', "spec.config.url: has an invalid port (1 to 65535)"),
 ])
 async def test_invalid_spec_messages_never_show_the_url(method: str, url: str, message: str) -> None:
     secrets = ManifestSecrets({('team-a', 'hook'): {'url': url}})
@@ -326,6 +330,90 @@ async def test_a_webhook_url_is_parsed_once_and_stays_secret() -> None:
     assert 'inline-secret' not in repr(notification) and 'inline-secret' not in repr(target)
     copy = pickle.loads(pickle.dumps(target))
     assert copy.endpoint == target.endpoint and copy.url == target.url
+
+
+# -- deliveries queued before the notification changed --------------------------------------------
+
+async def first_attempt_retrying(engine: Engine) -> str:
+    """Push one event; return its id once its first attempt failed and the retry waits (Retry-After: 1 s)."""
+    event_id = await push(engine)
+    await outcome(engine, event_id, 'Retrying')
+    return event_id
+
+
+RETRY_LATER = Reply(status=503, headers={'Retry-After': '1'})  # the retry waits 1 s: time to change the notification
+
+
+@pytest.mark.parametrize('changes', [
+    {'repository': 'team-b/other'},
+    {'event': 'repo_mirror_sync_started'},
+    {'repository': 'team-b/*'},
+], ids=['repository', 'event', 'glob'])
+async def test_a_queued_retry_is_dropped_when_the_changed_notification_no_longer_matches_its_event(
+        http_target, tmp_path, changes: dict[str, str]) -> None:
+    """A notification changed to another repository or event must not get an event it no longer subscribes to."""
+    http_target.script('/old', RETRY_LATER)
+    async with running(tmp_path, webhook(f'{http_target.url}/old')) as engine:
+        event_id = await first_attempt_retrying(engine)
+        changed = webhook(f'{http_target.url}/new') | changes
+        engine.put_notification(await compile_notification(KEY, changed, ManifestSecrets({})))
+        dropped = await outcome(engine, event_id, 'Dropped')
+    assert {k: dropped[k] for k in ('event', 'outcome', 'attempts', 'code', 'message')} == {
+        'event': 'repo_push', 'outcome': 'Dropped', 'attempts': 1, 'code': None,
+        'message': 'Dropped: the notification was changed and no longer matches this event '
+                   '(repository, event or eventConfig)'}
+    assert http_target.on('/new') == []
+    assert len(http_target.on('/old')) == 1
+    assert status(engine)['deliveries'] == {'succeeded': 0, 'failed': 0, 'dropped': 1}
+
+
+async def test_a_queued_retry_goes_to_the_changed_notification_that_still_matches_its_event(
+        http_target, tmp_path) -> None:
+    """A new URL (or a glob that still covers the repository) is honoured for deliveries queued before."""
+    http_target.script('/old', RETRY_LATER)
+    async with running(tmp_path, webhook(f'{http_target.url}/old')) as engine:
+        event_id = await first_attempt_retrying(engine)
+        changed = webhook(f'{http_target.url}/new') | {'repository': 'acme/*'}
+        engine.put_notification(await compile_notification(KEY, changed, ManifestSecrets({})))
+        succeeded = await outcome(engine, event_id, 'Succeeded')
+        [received] = await http_target.wait_for(1, '/new')
+    assert succeeded['attempts'] == 2
+    assert json.loads(received.body)['repository'] == REPOSITORY
+    assert status(engine)['deliveries'] == {'succeeded': 1, 'failed': 0, 'dropped': 0}
+
+
+@pytest.mark.parametrize('reason, message', [
+    ('Suspended', 'spec.suspend is true'),
+    ('InvalidSpec', 'spec.config.url: must be an http:// or https:// URL'),
+])
+async def test_a_queued_retry_of_a_notification_no_longer_routed_is_recorded_as_dropped(
+        http_target, tmp_path, reason: str, message: str) -> None:
+    """Suspended (or made invalid) while a retry waits: the delivery is recorded as Dropped, never silently lost."""
+    http_target.script('/old', RETRY_LATER)
+    async with running(tmp_path, webhook(f'{http_target.url}/old')) as engine:
+        event_id = await first_attempt_retrying(engine)
+        engine.remove_notification(KEY)  # as the front ends do for a suspended or invalid spec
+        engine.book.set_spec_condition(KEY, ReadyCondition('False', reason, message))
+        dropped = await outcome(engine, event_id, 'Dropped')
+        await eventually(lambda: len(engine.outbox) == 0, "the outbox to be empty")
+    assert {k: dropped[k] for k in ('outcome', 'attempts', 'code', 'message')} == {
+        'outcome': 'Dropped', 'attempts': 1, 'code': None,
+        'message': f'Dropped: the notification is not ready ({reason}: {message})'}
+    assert len(http_target.on('/old')) == 1
+    assert status(engine)['deliveries'] == {'succeeded': 0, 'failed': 0, 'dropped': 1}
+    assert ready(engine) == ('False', reason, message)
+
+
+async def test_a_queued_retry_of_a_deleted_notification_leaves_nothing_behind(http_target, tmp_path) -> None:
+    """Deleted while a retry waits: the delivery goes, and no status entry is made again for the key."""
+    http_target.script('/old', RETRY_LATER)
+    async with running(tmp_path, webhook(f'{http_target.url}/old')) as engine:
+        await first_attempt_retrying(engine)
+        engine.remove_notification(KEY)  # as the front ends do for a deleted resource
+        engine.book.forget(KEY)
+        await eventually(lambda: len(engine.outbox) == 0, "the outbox to be empty")
+        assert engine.book.keys() == []
+    assert len(http_target.on('/old')) == 1
 
 
 # -- a graceful stop keeps what was written ----------------------------------------------------------

@@ -1,9 +1,12 @@
 """
 The dispatcher: workers that take due deliveries from the outbox and deliver them.
 
-For each attempt it looks the notification up again (so a deleted or changed
-resource is honoured even for deliveries queued earlier), drops deliveries of
-disabled notifications (recorded, never silently lost), calls the method, and
+For each attempt it looks the notification up again, so that a deleted or changed
+resource is honoured even for deliveries queued earlier: a changed URL is used, and
+a delivery whose notification no longer matches its event (another repository,
+event or filter), or is no longer routed (suspended, invalid), is dropped and
+recorded as such (a deleted one has no status to record it in). It drops deliveries
+of disabled notifications (recorded, never silently lost), calls the method, and
 records the outcome in the status book. Failed attempts are retried on a
 schedule with full jitter (``Retry-After`` is honoured when longer); Quay's
 rule that 3 consecutive failed attempts disable the notification holds across
@@ -36,6 +39,9 @@ from reponotify.targets import TargetPolicy, delivery_session
 logger = logging.getLogger(__name__)
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0)
+
+NO_LONGER_MATCHES = ("Dropped: the notification was changed and no longer matches this event "
+                     "(repository, event or eventConfig)")
 
 _DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$')
 _UNITS = {'ms': 0.001, 's': 1.0, 'm': 60.0, 'h': 3600.0, None: 1.0}
@@ -176,7 +182,15 @@ class Dispatcher:
     async def process(self, delivery: PendingDelivery) -> None:
         """Make one attempt of one delivery and record what happened."""
         notification = self._routing.get(delivery.key)
-        if notification is None:  # deleted or suspended since the event was accepted
+        if notification is None:  # deleted, suspended or made invalid since the event was accepted
+            ready = self._book.ready_condition(delivery.key)
+            if ready is not None:  # still there, not routed: say what became of the event (deleted: no status)
+                self._record(delivery, DeliveryOutcome.DROPPED,
+                             f"Dropped: the notification is not ready ({ready.reason}: {ready.message})")
+            await self._outbox.complete(delivery)
+            return
+        if not self._routing.routes(notification, delivery.event):  # changed since: the event is not for it now
+            self._record(delivery, DeliveryOutcome.DROPPED, NO_LONGER_MATCHES)
             await self._outbox.complete(delivery)
             return
         if self._book.is_disabled(delivery.key):
@@ -262,7 +276,7 @@ class Dispatcher:
             event_id=delivery.event.id, event=delivery.event.kind, outcome=outcome,
             attempts=delivery.attempts, message=message, code=result.code if result else None,
             duration_ms=duration_ms))
-        notification = self._routing.get(delivery.key)  # always routed here: process() checked it
+        notification = self._routing.get(delivery.key)  # not routed (suspended, invalid): its method is not known
         method = notification.method.name if notification is not None else 'unknown'
         if self.metrics is not None:
             self.metrics.outcome(method, outcome, delivery.event.received_at)

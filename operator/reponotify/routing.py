@@ -125,3 +125,16 @@ class RoutingTable:
     def match(self, event: Event) -> list[Notification]:
         """The notifications that this event should be delivered to, filters applied."""
         return [n for n in self.candidates(event.repository, event.kind) if n.matches(event.payload)]
+
+    def routes(self, notification: Notification, event: Event) -> bool:
+        """Whether ``match(event)`` would give this notification (a routed one): its route and its filter."""
+        if notification.event != event.kind:
+            return False
+        if is_glob(notification.repository):
+            bucket = self._globs.get(glob_bucket(notification.repository, notification.event), {})
+            entry = bucket.get(notification.key)
+            if entry is None or not entry[0].fullmatch(event.repository):
+                return False
+        elif notification.repository != event.repository:
+            return False
+        return notification.matches(event.payload)

@@ -188,6 +188,14 @@ class StatusBook:
     def keys(self) -> list[NotificationKey]:
         return sorted(self._entries)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def ready_condition(self, key: NotificationKey) -> ReadyCondition | None:
+        """The Ready condition as the status shows it, or None for a notification the book does not hold."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry.ready or entry.spec_condition
+
     def ready_reasons(self) -> collections.Counter[str]:
         """How many notifications have each Ready reason (Accepted, Disabled, ...), for metrics."""
         return collections.Counter((entry.ready or entry.spec_condition).reason for entry in self._entries.values())

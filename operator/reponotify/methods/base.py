@@ -126,6 +126,12 @@ def http_url(value: str) -> str:
         raise ValueError("must be an http:// or https:// URL")
     if not parts.hostname:
         raise ValueError("must be a URL with a host name")
+    try:
+        port = parts.port  # read at every attempt (url_target_key): a bad one must be refused here
+    except ValueError:  # "out of range", or not a number (the message quotes it)
+        port = 0
+    if port == 0:  # None: the scheme's own
+        raise ValueError("has an invalid port (1 to 65535)")
     return value
 
 
