@@ -607,6 +607,36 @@ async def test_status_writes_are_coalesced_and_do_not_retrigger_handlers(cluster
     assert len(cluster.events('busy')) == 1  # Accepted, once
 
 
+async def test_applying_other_notifications_does_not_write_a_busy_status_more_often(
+        cluster, start_operator, http_target):
+    """Each handled resource writes its own status at once, not every pending one (that bypassed the interval)."""
+    operator = await start_operator(status_interval=1.0)
+    await cluster.create('busy', webhook_spec(f'{http_target.url}/hook'))
+    await cluster.wait_ready('busy', 'True', 'Accepted', generation=1)
+    status_patches_before = len(cluster.requests('busy', method='PATCH', subresource='status'))
+
+    # Events to busy in 6 waves over about 1.5 s, while 12 other notifications are created.
+    count, waves = 120, 6
+    for wave in range(waves):
+        if wave:
+            await asyncio.sleep(0.25)  # pacing the load, not waiting for a result
+        answers = await asyncio.gather(*(operator.post_event('repo_push', sample_payload('repo_push', 'acme/web'))
+                                         for _ in range(count // waves)))
+        assert [answer['matched'] for answer in answers] == [1] * (count // waves)
+        for other in range(2):
+            await cluster.create(f'other-{wave}-{other}', webhook_spec(f'{http_target.url}/other',
+                                                                       repository='acme/other'))
+    for wave in range(waves):
+        for other in range(2):
+            await cluster.wait_ready(f'other-{wave}-{other}', 'True', 'Accepted', generation=1)
+    await cluster.wait_status('busy', lambda s: s['deliveries']['succeeded'] == count, f"{count} succeeded deliveries")
+
+    # About 2 s of changes at status_interval=1.0: 2 or 3 writes, the last one exact (each of the 12 others'
+    # handlers used to write busy's status too: 9 here).
+    status_patches = len(cluster.requests('busy', method='PATCH', subresource='status')) - status_patches_before
+    assert 1 <= status_patches <= 4, status_patches
+
+
 async def test_restart_resumes_with_counters_from_status(cluster, start_operator, http_target):
     """A restarted operator takes the resource over (kopf's resume) and keeps counting from its status."""
     first = await start_operator()

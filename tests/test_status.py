@@ -96,3 +96,58 @@ async def test_a_write_cut_short_by_the_stop_is_made_by_the_final_flush() -> Non
     assert sink.written == []
     await flusher.flush(force=True)  # as Engine.stop does
     assert sink.written == ['hook']
+
+
+class RecordingSink:
+    """Records which statuses were written, in order."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+
+    async def write(self, key: NotificationKey, status: dict[str, Any]) -> None:
+        self.written.append(key.name)
+
+
+ACCEPTED = ReadyCondition('True', 'Accepted', 'ok')
+
+
+async def test_a_deleted_notification_held_back_by_the_interval_is_not_written_nor_brought_back() -> None:
+    """Its change waited for the interval when it was deleted: no write for it, and no entry made again."""
+    book = StatusBook()
+    sink = RecordingSink()
+    flusher = StatusFlusher(book, sink, min_interval=60.0)
+    kept, gone = NotificationKey('default', 'kept'), NotificationKey('default', 'gone')
+    for key in (kept, gone):
+        book.set_spec_condition(key, ACCEPTED)
+    await flusher.flush(force=False)
+    for key in (kept, gone):
+        book.record_attempt(key, ok=False)  # changed again within the interval: held back
+    await flusher.flush(force=False)
+    assert sink.written == ['gone', 'kept']
+    book.forget(gone)  # deleted meanwhile
+
+    await flusher.flush(force=True)  # as at shutdown
+    assert sink.written == ['gone', 'kept', 'kept']
+    assert book.keys() == [kept]
+    assert book.ready_reasons() == {'Accepted': 1}  # the metric counted a "Pending" ghost
+
+
+async def test_writing_some_statuses_now_leaves_the_others_to_their_interval() -> None:
+    """A front end writes the status of the resource it handled now; the others still wait for their interval."""
+    book = StatusBook()
+    sink = RecordingSink()
+    flusher = StatusFlusher(book, sink, min_interval=60.0)
+    busy, applied = NotificationKey('default', 'busy'), NotificationKey('default', 'applied')
+    for key in (busy, applied):
+        book.set_spec_condition(key, ACCEPTED)
+    await flusher.flush(force=False)
+    assert sink.written == ['applied', 'busy']
+    book.record_attempt(busy, ok=True)  # a delivery within the interval: held back
+    book.set_spec_condition(applied, ReadyCondition('False', 'Suspended', 'spec.suspend is true'))  # re-applied
+
+    await flusher.flush(force=False, now=[applied])  # its handler asks: now, whatever the interval
+    assert sink.written == ['applied', 'busy', 'applied']
+    await flusher.flush(force=False)
+    assert sink.written == ['applied', 'busy', 'applied']  # busy still waits for its interval
+    await flusher.flush(force=True)
+    assert sink.written == ['applied', 'busy', 'applied', 'busy']

@@ -118,10 +118,13 @@ class Engine:
             await self._flusher.flush(force=True)
         await self.outbox.close()
 
-    async def flush_status(self) -> None:
-        """Write every pending status change now (front ends use it after accepting a spec)."""
+    async def flush_status(self, *keys: NotificationKey) -> None:
+        """
+        Write these notifications' statuses now (a front end, after handling their resources), or with
+        no keys every pending status (at start-up). Other statuses keep to their interval.
+        """
         if self._flusher is not None:
-            await self._flusher.flush(force=True)
+            await self._flusher.flush(force=not keys, now=keys)
 
     # -- notifications ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import operator
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from reponotify.models import RECENT_DELIVERIES, DeliveryOutcome
@@ -286,21 +286,27 @@ class StatusFlusher:
                 await self._book.wait_changed()
             await self.flush(force=False)
 
-    async def flush(self, *, force: bool = True) -> None:
-        """Write what is due (or everything, with ``force``, e.g. at shutdown)."""
+    async def flush(self, *, force: bool = True, now: Collection[NotificationKey] = ()) -> None:
+        """
+        Write what is due: everything with ``force`` (at shutdown), else the statuses whose interval
+        has passed, and those of ``now`` whatever their interval (the resources a front end just
+        handled: their Ready condition shows at once, and the others' writes stay coalesced).
+        """
         self._pending |= self._book.take_dirty()
-        now = time.monotonic()
+        time_now = time.monotonic()
         written = 0
         for key in sorted(self._pending, key=_in_order):  # by name, compared as tuples (C), not via __lt__
-            if not force and now - self._last_write.get(key, -1e9) < self._min_interval:
+            if not force and key not in now and time_now - self._last_write.get(key, -1e9) < self._min_interval:
                 continue
             if written and not written % FLUSH_SLICE:
                 # A sink that answers at once (a file, a test's) would otherwise hold the event loop for
                 # the whole pass: with thousands of changed statuses, receiving and delivering stalled.
                 await asyncio.sleep(0)
-            written += 1
             self._pending.discard(key)
-            self._last_write[key] = now
+            if key not in self._book:  # deleted meanwhile (also during this pass): nothing to write, and
+                continue               # status() would make its entry again
+            written += 1
+            self._last_write[key] = time_now
             try:
                 await self._sink.write(key, self._book.status(key))
             except asyncio.CancelledError:  # stopping: the final flush writes it

@@ -200,7 +200,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         except SpecError:
             pass  # recorded in the Ready condition: a person has to change something
         finally:
-            await engine.flush_status()
+            await engine.flush_status(key)
 
     @kopf.on.event('', 'v1', 'namespaces', registry=registry)
     async def namespace_changed(type: str, body: kopf.Body, name: str, **_: Any) -> None:
@@ -212,13 +212,15 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         allowances[name] = allowance
         if not known:
             return  # first sight: the resources' own handlers check it
-        for key, (spec, generation) in sorted(specs.items()):
-            if key.namespace == name:
-                try:
-                    await apply(key, spec, generation)
-                except SpecError:
-                    pass  # recorded in the Ready condition
-        await engine.flush_status()
+        applied = [key for key in sorted(specs) if key.namespace == name]
+        for key in applied:
+            spec, generation = specs[key]
+            try:
+                await apply(key, spec, generation)
+            except SpecError:
+                pass  # recorded in the Ready condition
+        if applied:  # (no keys would mean: every pending status)
+            await engine.flush_status(*applied)
 
     @kopf.on.field(GROUP, VERSION, PLURAL, field=('metadata', 'annotations', TEST_ANNOTATION),
                    registry=registry)
@@ -229,7 +231,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         await engine.send_test(key, str(new))
         test = engine.book.status(key)['lastTest']
         post_event_later(key, 'Normal', 'TestRequested', f"Test notification: {test['outcome']}: {test['message']}")
-        await engine.flush_status()
+        await engine.flush_status(key)
 
     @kopf.on.field(GROUP, VERSION, PLURAL, field=('metadata', 'annotations', RESET_ANNOTATION),
                    registry=registry)
@@ -239,7 +241,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         key = NotificationKey(namespace, name)
         engine.reset(key)
         post_event_later(key, 'Normal', 'Reset', "Failure count reset by the reponotify.dev/reset annotation")
-        await engine.flush_status()
+        await engine.flush_status(key)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def forget(type: str, body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
