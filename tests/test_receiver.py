@@ -204,7 +204,7 @@ async def test_without_a_configured_token_no_header_is_needed(engine: Engine) ->
 @pytest.mark.parametrize('key', ['', 'k' * 256])
 async def test_bad_idempotency_key_is_400(client: TestClient, engine: Engine, key: str) -> None:
     response = await client.post('/v1/events/repo_push', json=PAYLOAD, headers={**AUTH, 'Idempotency-Key': key})
-    assert await answer(response) == (400, {'error': "Idempotency-Key must be 1 to 255 characters"})
+    assert await answer(response) == (400, {'error': "Idempotency-Key must be 1 to 255 printable ASCII characters"})
     assert len(engine.outbox) == 0
 
 
@@ -347,3 +347,68 @@ async def test_repository_with_a_trailing_newline_is_422(client: TestClient, eng
     assert await response.json() == {
         'error': "payload field 'repository' must look like \"namespace/name\" (lowercase), got 'acme/web\\n'"}
     assert len(engine.outbox) == 0
+
+
+# -- bad bytes in headers and bodies: a precise 4xx, never a 500 -------------------------------------
+
+async def raw_post(port: int, path: bytes, headers: bytes, body: bytes) -> tuple[int, object]:
+    """POST with exactly these header bytes (aiohttp's client would not send invalid UTF-8); status and JSON."""
+    reader, writer = await asyncio.open_connection('127.0.0.1', port)
+    try:
+        writer.write(b'POST ' + path + b' HTTP/1.1\r\nHost: test\r\nConnection: close\r\n'
+                     + b'Content-Length: ' + str(len(body)).encode() + b'\r\n' + headers + b'\r\n' + body)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, content = answer.partition(b'\r\n\r\n')
+    assert b'\r\nContent-Type: application/json; charset=utf-8\r\n' in head, head
+    return int(head.split()[1]), json.loads(content)
+
+
+BEARER = f'Authorization: Bearer {TOKEN}\r\n'.encode()
+SOURCES_UNAUTHORIZED = ("missing or wrong credentials (Authorization: Bearer <token>, ?token=<token>, "
+                        "or X-Signature: sha256=<hmac>)")
+NOT_GZIP = b'{"repository": "acme/web"}'
+
+
+@pytest.mark.parametrize('headers, body, expected', [
+    (BEARER + b'Content-Encoding: gzip\r\n', NOT_GZIP,
+     (400, {'error': "request body could not be decoded (Content-Encoding: gzip)"})),
+    (BEARER + b'Content-Encoding: deflate\r\n', NOT_GZIP,
+     (400, {'error': "request body could not be decoded (Content-Encoding: deflate)"})),
+    (BEARER + b'Idempotency-Key: k\xe9y\r\n', NOT_GZIP,
+     (400, {'error': "Idempotency-Key must be 1 to 255 printable ASCII characters"})),
+    (b'Authorization: Bearer R\xe9cv\r\n', NOT_GZIP, (401, {'error': UNAUTHORIZED})),
+    (b'X-Signature: sha256=\xe9\xe9\r\n', NOT_GZIP, (401, {'error': UNAUTHORIZED})),
+    # A lone surrogate escape is valid JSON syntax, but no character: the methods that encode the payload
+    # (Slack's Jinja template, e-mail) raised at every attempt, retried forever.
+    (BEARER, b'{"repository": "acme/web", "updated_tags": ["\\ud800"]}',
+     (400, {'error': "body is not valid JSON: a string holds an unpaired surrogate (\\ud800), not a character"})),
+    (BEARER, b'{"repository": "acme/web", "\\udfff": 1}',
+     (400, {'error': "body is not valid JSON: a string holds an unpaired surrogate (\\udfff), not a character"})),
+    # Too large for a float: Python reads it as infinity, and forwarded it as Infinity (not JSON).
+    (BEARER, b'{"repository": "acme/web", "x": 1e999}',
+     (400, {'error': "body is not valid JSON: number 1e999 is out of range"})),
+], ids=['gzip', 'deflate', 'idempotency-key', 'bearer', 'signature', 'surrogate', 'surrogate-key', 'infinity'])
+async def test_bad_bytes_get_a_precise_4xx_not_a_500(engine: Engine, headers: bytes, body: bytes,
+                                                      expected: tuple[int, object]) -> None:
+    async with TestClient(TestServer(make_app(engine, token=TOKEN, hmac_secret='hmac-secret'))) as test_client:
+        port = test_client.server.port
+        assert port is not None
+        assert await raw_post(port, b'/v1/events/repo_push', headers, body) == expected
+        # The registry sources' endpoint also takes the token in the query, and says so.
+        if expected == (401, {'error': UNAUTHORIZED}):
+            expected = (401, {'error': SOURCES_UNAUTHORIZED})
+        assert await raw_post(port, b'/v1/sources/quay/repo_push', headers, body) == expected
+    assert len(engine.outbox) == 0
+
+
+async def test_escaped_surrogate_pairs_and_finite_numbers_are_accepted(client: TestClient, engine: Engine) -> None:
+    """A pair of escapes is one character (an emoji): accepted, as are large numbers that fit a float."""
+    body = b'{"repository": "acme/web", "updated_tags": ["\\ud83d\\ude00"], "x": 1e308, "y": -2.5e-300}'
+    response = await client.post('/v1/events/repo_push', data=body, headers=AUTH)
+    status, _ = await answer(response)
+    assert status == 202
+    delivery = await engine.outbox.take()
+    assert delivery.event.payload['updated_tags'] == ['\U0001f600']
+    assert (delivery.event.payload['x'], delivery.event.payload['y']) == (1e308, -2.5e-300)

@@ -149,6 +149,16 @@ def test_distribution_host_falls_back_to_target_url_and_ignores_junk_hosts() -> 
     assert normalised.payload['homepage'] == 'https://registry.example.com:5000/v2/acme/web/tags/list'
 
 
+def test_distribution_an_unparsable_target_url_is_ignored_not_an_error() -> None:
+    """urlsplit raises on some URLs ("http://[::1"): the push still goes, its host taken from elsewhere."""
+    event = push_event('e1', 'v1')
+    event['request']['host'] = 'registry.example.com'
+    event['target']['url'] = 'http://[::1'
+    [normalised] = distribution.normalise(envelope_of(event), DEFAULTS).events
+    assert normalised.payload['docker_url'] == 'registry.example.com/acme/web'
+    assert normalised.payload['homepage'] == 'https://registry.example.com/v2/acme/web/tags/list'
+
+
 @pytest.mark.parametrize('repository, tag, reason', [
     ('web', 'v1', "repository 'web' is not a lowercase \"namespace/name\" path, so no notification can name it"),
     ('Acme/Web', 'v1', ("repository 'Acme/Web' is not a lowercase \"namespace/name\" path, "
@@ -308,6 +318,13 @@ def test_dockerhub_malformed_bodies(body: Any, message: str) -> None:
     with pytest.raises(Malformed) as raised:
         dockerhub.normalise(body, DEFAULTS)
     assert str(raised.value) == message
+
+
+def test_dockerhub_an_unparsable_repo_url_falls_back_to_docker_hub() -> None:
+    body = fixture('dockerhub/push.json')
+    body['repository']['repo_url'] = 'http://[::1'
+    [normalised] = dockerhub.normalise(body, DEFAULTS).events
+    assert normalised.payload['homepage'] == f"https://hub.docker.com/r/{normalised.payload['repository']}"
 
 
 def test_dockerhub_push_without_tag_is_ignored() -> None:

@@ -27,11 +27,13 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from reponotify.config import ReceiverSettings
 from reponotify.email_verification import PAGE_HEADERS, VERIFY_PATH
@@ -62,14 +64,29 @@ class Auth:
     def bearer_ok(self, request: web.Request) -> bool:
         scheme, _, given = request.headers.get('Authorization', '').partition(' ')
         return bool(self.token) and scheme.lower() == 'bearer' and hmac.compare_digest(
-            given.strip().encode(), (self.token or '').encode())
+            as_bytes(given.strip()), (self.token or '').encode())
 
     def signature_ok(self, request: web.Request, body: bytes) -> bool:
         """``X-Signature: sha256=<hex HMAC-SHA256 of the body>``, compared in constant time."""
         if not self.hmac_secret:
             return False
         expected = 'sha256=' + hmac.new(self.hmac_secret.encode(), body, hashlib.sha256).hexdigest()
-        return hmac.compare_digest(request.headers.get('X-Signature', '').strip().encode(), expected.encode())
+        return hmac.compare_digest(as_bytes(request.headers.get('X-Signature', '').strip()), expected.encode())
+
+
+def as_bytes(given: str) -> bytes:
+    """
+    A header's (or query's) text as the bytes that came: aiohttp decodes invalid UTF-8 to lone
+    surrogates (surrogateescape), which a plain ``encode()`` refuses with an error (a 500).
+    """
+    return given.encode('utf-8', 'surrogateescape')
+
+
+def idempotency_key_problem(key: str | None) -> str | None:
+    """Why an ``Idempotency-Key`` header cannot be used, or None (no header, or a usable one)."""
+    if key is None or (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isascii() and key.isprintable()):
+        return None
+    return f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
 
 
 UNAUTHORIZED = "missing or wrong credentials (Authorization: Bearer <token>, or X-Signature: sha256=<hmac>)"
@@ -149,13 +166,16 @@ async def read_body(request: web.Request) -> bytes | web.Response:
     """The whole body, or the error response: 413 past the limit, 408 when it trickles in too slowly."""
     if (request.content_length or 0) > MAX_BODY_BYTES:
         return error(413, f"request body is larger than {MAX_BODY_BYTES} bytes", 'too_large')
-    if request.content.is_eof():  # all of it arrived with the headers (most events): nothing to wait for
-        return await request.read()  # past client_max_size, aiohttp raises 413 here too
     try:
+        if request.content.is_eof():  # all of it arrived with the headers (most events): nothing to wait for
+            return await request.read()  # past client_max_size, aiohttp raises 413 here too
         async with asyncio.timeout(request.app[READ_TIMEOUT]):
             return await request.read()  # aiohttp raises 413 past client_max_size without Content-Length
     except TimeoutError:
         return error(408, f"request body not received within {request.app[READ_TIMEOUT]:g}s", 'timeout')
+    except RequestPayloadError:  # the Content-Encoding (gzip, deflate) does not decode
+        encoding = request.headers.get('Content-Encoding', '')[:50]
+        return error(400, f"request body could not be decoded (Content-Encoding: {encoding})", 'malformed_json')
 
 
 async def post_event(request: web.Request) -> web.Response:
@@ -168,8 +188,9 @@ async def post_event(request: web.Request) -> web.Response:
     if kind not in EVENT_KINDS:
         return error(404, f"unknown event {kind!r}; known events: {', '.join(EVENT_NAMES)}", 'unknown_event')
     idempotency_key = request.headers.get('Idempotency-Key')
-    if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
-        return error(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", 'bad_idempotency_key')
+    problem = idempotency_key_problem(idempotency_key)
+    if problem:
+        return error(400, problem, 'bad_idempotency_key')
 
     body = await read_body(request)
     if isinstance(body, web.Response):
@@ -189,9 +210,16 @@ async def post_event(request: web.Request) -> web.Response:
 
 
 def parse_json(body: bytes) -> Any:
-    """The parsed body, or the 400 answer saying why it is not JSON."""
+    """The parsed body, or the 400 answer saying why it is not JSON (or no text: an unpaired surrogate)."""
     try:  # as json.loads(body) does, with one decoder for every request instead of one per call
-        return _DECODER.decode(body.decode(json.detect_encoding(body), 'surrogatepass'))
+        text = body.decode(json.detect_encoding(body), 'surrogatepass')
+        parsed = _DECODER.decode(text)
+        if _SURROGATE.search(text):  # rare (most text has none): only then look at every string
+            json.dumps(parsed, ensure_ascii=False).encode()  # a lone surrogate cannot be encoded
+        return parsed
+    except UnicodeEncodeError as exc:
+        return error(400, f"body is not valid JSON: a string holds an unpaired surrogate "
+                          f"({ascii(exc.object[exc.start])[1:-1]}), not a character", 'malformed_json')
     except (ValueError, RecursionError) as exc:
         return error(400, f"body is not valid JSON: {exc}" if isinstance(exc, ValueError)
                      else "body is not valid JSON: nested too deeply", 'malformed_json')
@@ -203,7 +231,18 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON value")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_not_json)
+def _finite(number: str) -> float:
+    # 1e999 is valid JSON, but Python reads it as infinity, which json.dumps writes as Infinity: not JSON.
+    value = float(number)
+    if math.isinf(value):
+        raise ValueError(f"number {number[:50]} is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
+# Where a lone surrogate may hide: an escape of one (\ud800 to \udfff, alone or in a valid pair), or
+# one decoded from the body's bytes (surrogatepass, as json.loads does).
+_SURROGATE = re.compile(r'\\u[dD][89a-fA-F]|[\ud800-\udfff]')
 
 
 def payload_problem(payload: Any) -> str | None:

@@ -40,7 +40,8 @@ from aiohttp import web
 from reponotify.config import SourceSettings
 from reponotify.events import EVENT_KINDS, EVENT_NAMES
 from reponotify.outbox import OutboxError
-from reponotify.receiver import AUTH, ENGINE, STATE, Auth, error, parse_json, read_body, shutting_down
+from reponotify.receiver import (AUTH, ENGINE, STATE, Auth, as_bytes, error, idempotency_key_problem, parse_json,
+                                 read_body, shutting_down)
 from reponotify.sources import distribution, dockerhub, harbor, quay
 from reponotify.sources.common import Malformed, Normalised, SourceEvent
 
@@ -92,7 +93,7 @@ def source_auth(app: web.Application, name: str) -> Auth:
 
 def _query_token_ok(auth: Auth, request: web.Request) -> bool:
     given = request.query.get('token')
-    return bool(auth.token) and given is not None and hmac.compare_digest(given.encode(), (auth.token or '').encode())
+    return bool(auth.token) and given is not None and hmac.compare_digest(as_bytes(given), (auth.token or '').encode())
 
 
 async def post_source(request: web.Request) -> web.Response:
@@ -109,8 +110,9 @@ async def post_quay(request: web.Request) -> web.Response:
     if kind not in EVENT_KINDS:
         return error(404, f"unknown event {kind[:100]!r}; known events: {', '.join(EVENT_NAMES)}", 'unknown_event')
     idempotency_key = request.headers.get('Idempotency-Key')
-    if idempotency_key is not None and not (0 < len(idempotency_key) <= 255):
-        return error(400, "Idempotency-Key must be 1 to 255 characters", 'bad_idempotency_key')
+    problem = idempotency_key_problem(idempotency_key)
+    if problem:
+        return error(400, problem, 'bad_idempotency_key')
     return await _receive(request, 'quay',
                           lambda body: quay.normalise(kind, body, settings_of(request.app), idempotency_key))
 

@@ -16,6 +16,7 @@ import re
 import string
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
+from urllib.parse import SplitResult, urlsplit
 
 from reponotify.models import REPOSITORY_PATTERN
 
@@ -87,6 +88,16 @@ def is_tag(value: Any) -> TypeGuard[str]:
 def clean_host(value: Any) -> str | None:
     """A registry host fit for docker_url, or None."""
     return value if isinstance(value, str) and _HOST.fullmatch(value) else None
+
+
+def split_url(value: Any) -> SplitResult | None:
+    """A URL of an envelope split into its parts, or None: not a string, or one urlsplit refuses ("http://[::1")."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return urlsplit(value)
+    except ValueError:
+        return None
 
 
 def check_homepage_template(template: str) -> str:

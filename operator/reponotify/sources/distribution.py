@@ -29,12 +29,11 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from reponotify.config import SourceSettings
 from reponotify.sources.common import (Ignored, Malformed, Normalised, SourceEvent, clean_host, content_key, id_key,
                                        is_repository, is_tag, mapping, render_homepage, repository_fields,
-                                       repository_problem)
+                                       repository_problem, split_url)
 
 MEDIA_TYPE = 'application/vnd.docker.distribution.events.v1+json'
 EVENT_KEY = 'distribution:event:'
@@ -83,8 +82,7 @@ def tag_push(record: Any, settings: SourceSettings) -> TagPush | Ignored:
     repository = target.get('repository')
     if not is_repository(repository):
         return Ignored(repository_problem(repository), event_id)
-    url = target.get('url')
-    parts = urlsplit(url) if isinstance(url, str) else None
+    parts = split_url(target.get('url'))
     host = (clean_host(settings.distribution_registry_host) or clean_host(mapping(record.get('request')).get('host'))
             or (clean_host(parts.netloc) if parts else None))
     if settings.distribution_homepage_url:

@@ -15,11 +15,10 @@ to Docker Hub) is not called.
 """
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from reponotify.config import SourceSettings
 from reponotify.sources.common import (Ignored, Malformed, Normalised, SourceEvent, content_key, is_repository, is_tag,
-                                       repository_fields, repository_problem)
+                                       repository_fields, repository_problem, split_url)
 
 KEY = 'dockerhub:'
 REGISTRY_HOST = 'docker.io'
@@ -41,7 +40,8 @@ def normalise(body: Any, settings: SourceSettings) -> Normalised:
     if not is_tag(tag):
         return Normalised(ignored=[Ignored(f"tag {str(tag)[:150]!r} is not a valid tag")])
     repo_url = repository_info.get('repo_url')
-    homepage = repo_url if isinstance(repo_url, str) and urlsplit(repo_url).scheme in ('http', 'https') \
+    parts = split_url(repo_url)
+    homepage = repo_url if parts is not None and parts.scheme in ('http', 'https') \
         else f"https://hub.docker.com/r/{repository}"
     payload = {**repository_fields(repository, REGISTRY_HOST, homepage), 'updated_tags': [tag]}
     key = content_key(KEY, repository, tag, push.get('pushed_at'))
