@@ -279,6 +279,30 @@ async def test_slack_url_is_never_shown(http_target, tmp_path) -> None:
     assert 'SECRETTOKEN' not in shown and '/services/' not in shown
 
 
+async def test_an_unexpected_error_is_a_failed_attempt_retried_on_the_schedule_then_failed(
+        http_target, tmp_path) -> None:
+    """
+    An exception from reponotify's own code (here Slack's template, given a string it cannot encode) was
+    logged and retried forever, never counted and never shown. It is a failed attempt now: retried on the
+    schedule, then Failed; it does not count towards disabling (the target never failed).
+    """
+    spec = {'repository': REPOSITORY, 'event': 'repo_push', 'method': 'slack',
+            'config': {'url': f'{http_target.url}/slack'}}
+    async with running(tmp_path, spec) as engine:  # FAST: 4 retries
+        # The receiver refuses such a payload (400); the engine's own callers could still queue one.
+        event_id = await push(engine, updated_tags=['\ud800'])
+        failed = await outcome(engine, event_id, 'Failed')
+        await eventually(lambda: len(engine.outbox) == 0, "the outbox to be empty")
+    assert {k: failed[k] for k in ('outcome', 'attempts', 'code', 'message')} == {
+        'outcome': 'Failed', 'attempts': 5, 'code': None,
+        'message': "unexpected error (see the operator's log); gave up after 5 attempts"}
+    assert http_target.on('/slack') == []
+    final = status(engine)
+    assert final['numberOfFailures'] == 0
+    assert final['deliveries'] == {'succeeded': 0, 'failed': 1, 'dropped': 0}
+    assert ready(engine) == ('True', 'Accepted', 'routed')
+
+
 @pytest.mark.parametrize('method', ['webhook', 'slack'])
 @pytest.mark.parametrize('url, message', [
     ('ftp://alice:SECRET@hooks.example/x', "spec.config.url: must be an http:// or https:// URL"),

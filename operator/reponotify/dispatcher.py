@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0)
 
+UNEXPECTED_ERROR = "unexpected error (see the operator's log)"
 NO_LONGER_MATCHES = ("Dropped: the notification was changed and no longer matches this event "
                      "(repository, event or eventConfig)")
 
@@ -173,9 +174,9 @@ class Dispatcher:
                 await self.process(delivery)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug must not kill the worker; the delivery is retried
+            except Exception:  # a bug must not kill the worker, nor be retried for ever
                 logger.exception("Unexpected error delivering %s to %s", delivery.id, delivery.key)
-                await self._outbox.retry_later(delivery, self._delay(delivery.attempts or 1, None))
+                await self._failed_unexpectedly(delivery)
             finally:
                 self._busy.discard(worker)
 
@@ -237,6 +238,26 @@ class Dispatcher:
             delay = self._delay(delivery.attempts, result.retry_after)
             self._record(delivery, DeliveryOutcome.RETRYING, f"{result.message}; retrying in {delay:.1f}s",
                          result, duration_ms)
+            await self._outbox.retry_later(delivery, delay)
+
+    async def _failed_unexpectedly(self, delivery: PendingDelivery) -> None:
+        """
+        An exception from reponotify's own code: a failed attempt, retried on the schedule, then Failed.
+
+        Not counted towards disabling the notification (its target did not fail), and the status names
+        no exception: the log has it (a message could quote a secret).
+        """
+        delivery.attempts += 1
+        routed = self._routing.get(delivery.key) is not None  # else: no status to record it in
+        if delivery.attempts > len(self._settings.retry_schedule):
+            if routed:
+                self._record(delivery, DeliveryOutcome.FAILED,
+                             f"{UNEXPECTED_ERROR}; gave up after {delivery.attempts} attempts")
+            await self._outbox.complete(delivery)
+        else:
+            delay = self._delay(delivery.attempts, None)
+            if routed:
+                self._record(delivery, DeliveryOutcome.RETRYING, f"{UNEXPECTED_ERROR}; retrying in {delay:.1f}s")
             await self._outbox.retry_later(delivery, delay)
 
     async def _unpark(self, target: str) -> None:
