@@ -211,6 +211,17 @@ async def test_retry_after_is_the_minimum_delay(http_target, tmp_path, code: int
     assert len(http_target.on('/hook')) == 1
 
 
+@pytest.mark.parametrize('retry_after', ['99999999999', 'Fri, 31 Dec 9999 23:59:59 GMT'])
+async def test_retry_after_is_honoured_up_to_a_day(http_target, tmp_path, retry_after: str) -> None:
+    """A target asking for centuries parked the delivery for them: it waits a day at most, then goes on."""
+    http_target.script('/hook', Reply(status=429, headers={'Retry-After': retry_after}))
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        last = await outcome(engine, await push(engine), 'Retrying', 'Failed')
+    assert {k: last[k] for k in ('outcome', 'attempts', 'code', 'message')} == {
+        'outcome': 'Retrying', 'attempts': 1, 'code': 429,
+        'message': 'webhook target answered 429; retrying in 86400.0s'}
+
+
 async def test_success_resets_the_failure_count_within_a_delivery(http_target, tmp_path) -> None:
     http_target.script('/hook', Reply(status=500), Reply(status=500), Reply(status=200))
     async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:

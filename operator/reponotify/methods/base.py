@@ -195,20 +195,23 @@ def classify_status(status: int, retry_after: str | None, *, what: str) -> Attem
     )
 
 
+MAX_RETRY_AFTER = 24 * 3600.0  # seconds: a target asking for more (years, by mistake) gets a day
+
+
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), at most MAX_RETRY_AFTER."""
     if not value:
         return None
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+    return min(max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()), MAX_RETRY_AFTER)
 
 
 def _reason(exc: BaseException) -> str:
