@@ -206,6 +206,18 @@ async def test_a_bad_delivery_process_count_is_refused(tmp_path: pathlib.Path) -
         "'many' is not 'auto' or a number from 0 to 64")
 
 
+@pytest.mark.parametrize('value', ['127.0.0.0/88', '999.0.0.0/33', '10.0.0.1:80', '-bad.example', 'hooks.exa mple'])
+async def test_a_mistyped_allow_targets_entry_is_refused_not_taken_as_a_host_name(tmp_path: pathlib.Path,
+                                                                                 value: str) -> None:
+    """A typo in a CIDR was kept as a "host name" that matches nothing: deliveries failed, then disabled."""
+    env = environment(REPONOTIFY_MANIFESTS=str(tmp_path), REPONOTIFY_ALLOW_TARGETS=f'10.0.0.0/8, {value}')
+    code, _, stderr = await run('standalone', env=env, timeout=30)
+    assert code == 2
+    assert stderr.decode().splitlines()[-1] == (
+        "Error: Invalid value for '--allow-targets' (env var: 'REPONOTIFY_ALLOW_TARGETS'): "
+        f"'{value}' is neither a CIDR, an address nor a host name")
+
+
 @pytest.mark.parametrize('cpu_count', [1, 2])
 async def test_auto_starts_one_delivery_process_per_cpu_it_may_use(http_target, tmp_path: pathlib.Path,
                                                                    unused_tcp_port: int, cpu_count: int) -> None:

@@ -15,6 +15,7 @@ the IPv4 address they map. Redirects are never followed (see methods/base.py).
 """
 import dataclasses
 import ipaddress
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,18 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class TargetRefused(aiohttp.ClientError):
     """The target resolves only to addresses the policy refuses; the message says why."""
+
+
+_LABEL = re.compile(r'(?!-)[A-Za-z0-9_-]{1,63}(?<!-)')
+
+
+def is_host_name(text: str) -> bool:
+    """
+    Whether ``text`` is a DNS host name: dot-separated labels of letters, digits, ``-`` (not first or last)
+    and ``_``, the last one not all digits, so that a mistyped address or CIDR ("127.0.0.0/88") is not one.
+    """
+    labels = text.rstrip('.').split('.')
+    return all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +56,7 @@ class TargetPolicy:
             try:
                 networks.append(ipaddress.ip_network(item, strict=False))
             except ValueError:
-                if not all(label and len(label) <= 63 for label in item.rstrip('.').split('.')):
+                if not is_host_name(item):
                     raise ValueError(f"{item!r} is neither a CIDR, an address nor a host name") from None
                 hosts.add(item.rstrip('.').lower())
         return cls(allowed_networks=tuple(networks), allowed_hosts=frozenset(hosts))
