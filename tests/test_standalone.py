@@ -321,3 +321,34 @@ def test_standalone_is_as_strict_as_the_crd(spec_update: dict[str, object], mess
     with pytest.raises(InvalidSpec) as info:
         parse_spec(spec)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('[1, 2]', "spec: Input should be a valid dictionary or instance of RepositoryNotificationSpec"),
+    ('just text', "spec: Input should be a valid dictionary or instance of RepositoryNotificationSpec"),
+])
+async def test_a_spec_that_is_not_a_mapping_is_an_invalid_spec_not_a_crash(folder: pathlib.Path, spec: str,
+                                                                            message: str) -> None:
+    """It raised AttributeError and stopped the start; the other notifications must still be routed."""
+    from reponotify.engine import Engine
+    from reponotify.notifications import NotificationKey
+    from reponotify.standalone import load_into
+
+    write(folder, 'bad.yaml', f"""\
+        apiVersion: reponotify.dev/v1alpha1
+        kind: RepositoryNotification
+        metadata: {{name: bad, namespace: team-a}}
+        spec: {spec}
+        """)
+    write(folder, 'good.yaml', """\
+        apiVersion: reponotify.dev/v1alpha1
+        kind: RepositoryNotification
+        metadata: {name: good, namespace: team-a}
+        spec: {repository: acme/web, event: repo_push, method: webhook, config: {url: "https://ci.example.com/hook"}}
+        """)
+    engine = Engine(EngineSettings())
+    await load_into(engine, load_manifests(folder), {})
+    [condition] = engine.book.status(NotificationKey('team-a', 'bad'))['conditions']
+    assert (condition['status'], condition['reason'], condition['message']) == ('False', 'InvalidSpec', message)
+    assert engine.routing.get(NotificationKey('team-a', 'good')) is not None
+    assert engine.routing.get(NotificationKey('team-a', 'bad')) is None

@@ -81,7 +81,8 @@ class Notification:
 def parse_spec(raw: Mapping[str, Any] | None) -> RepositoryNotificationSpec:
     """Validate a raw spec; the error lists every problem by field path."""
     try:
-        return RepositoryNotificationSpec.model_validate(dict(raw or {}))
+        # A mapping (kopf's Spec is not a dict) as a dict; anything else as it is, for pydantic to refuse.
+        return RepositoryNotificationSpec.model_validate(dict(raw) if isinstance(raw, Mapping) else raw or {})
     except pydantic.ValidationError as exc:
         raise InvalidSpec(describe_errors(exc, prefix='spec')) from None
 

@@ -159,7 +159,7 @@ async def load_into(engine: Engine, manifests: Manifests, previous: dict[str, di
     for key, resource in sorted(manifests.notifications.items()):
         engine.book.seed(key, previous.get(str(key)))
         spec = resource.get('spec') or {}
-        if spec.get('suspend') is True:
+        if isinstance(spec, dict) and spec.get('suspend') is True:  # another shape: compiling says what is wrong
             engine.book.set_spec_condition(key, ReadyCondition('False', 'Suspended', "spec.suspend is true"))
             continue
         try:
