@@ -97,6 +97,14 @@ class Cluster:
                 'data': {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}}
         await self._call('POST', f'/api/v1/namespaces/{NS}/secrets', body)
 
+    async def update_secret(self, name: str, data: dict[str, str]) -> None:
+        body = {'data': {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}}
+        await self._call('PATCH', f'/api/v1/namespaces/{NS}/secrets/{name}', body,
+                         content_type='application/merge-patch+json')
+
+    async def delete_secret(self, name: str) -> None:
+        await self._call('DELETE', f'/api/v1/namespaces/{NS}/secrets/{name}')
+
     def get(self, name: str) -> dict[str, Any] | None:
         """The object as the emulated API server holds it now (None if absent or deleted)."""
         try:
@@ -450,6 +458,33 @@ async def test_missing_secret_then_created(cluster, start_operator, http_target)
         ('Warning', 'SecretNotFound', 'Secret ns1/hook-secret not found'),
         ('Normal', 'Accepted', 'Routing repo_push events of acme/web to webhook'),
     ]
+
+
+async def test_refresh_annotation_reads_rotated_or_deleted_secrets_again(cluster, start_operator, http_target):
+    """Secrets are read when a spec is handled; after rotating one, reponotify.dev/refresh reads it again."""
+    operator = await start_operator(secret_retry_delay=0.3)
+    await cluster.create_secret('hook-secret', {'url': f'{http_target.url}/old?token=rotated-away'})
+    spec = {'repository': 'acme/web', 'event': 'repo_push', 'method': 'webhook',
+            'config': {'urlFrom': {'secretKeyRef': {'name': 'hook-secret', 'key': 'url'}}}}
+    await cluster.create('rotating', spec)
+    await cluster.wait_ready('rotating', 'True', 'Accepted', generation=1)
+
+    await cluster.update_secret('hook-secret', {'url': f'{http_target.url}/new?token=rotated-in'})
+    await cluster.annotate('rotating', {'reponotify.dev/refresh': '1'})
+    await eventually(lambda: 'Refreshed' in [event['reason'] for event in cluster.events('rotating')],
+                     "the Refreshed Event")
+    assert (await operator.post_event('repo_push', sample_payload('repo_push', 'acme/web')))['matched'] == 1
+    [received] = await http_target.wait_for(1, '/new')
+    assert received.query == {'token': 'rotated-in'}
+    assert http_target.on('/old') == []
+
+    await cluster.delete_secret('hook-secret')
+    await cluster.annotate('rotating', {'reponotify.dev/refresh': '2'})
+    status = await cluster.wait_ready('rotating', 'False', 'SecretNotFound', generation=1)
+    assert condition(status)['message'] == 'Secret ns1/hook-secret not found'
+    assert not operator.routed('rotating')
+    events = json.dumps(cluster.events('rotating'))
+    assert 'rotated-in' not in events and 'rotated-away' not in events
 
 
 async def test_suspend_stops_routing_and_resume_restores_it(cluster, start_operator, http_target):

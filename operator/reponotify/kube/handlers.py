@@ -13,6 +13,9 @@ spec, so they never trigger these handlers again.
 * deletion: unrouted at once (no finalizer: there is nothing outside to clean).
 * annotation ``reponotify.dev/test``: each new value sends the event's sample once.
 * annotation ``reponotify.dev/reset``: each new value re-enables a disabled notification.
+* annotation ``reponotify.dev/refresh``: each new value reads the notification's Secrets again.
+  Secrets are read when a spec is handled, not watched: watching them would take list and watch
+  on every Secret the operator can see, where reading the referenced ones takes get.
 * failed deliveries: ``Warning`` Events, at most one per resource per ``warning_interval``
   (:mod:`reponotify.kube.delivery_events`); Ready transitions: ``Normal``/``Warning`` Events.
 """
@@ -45,6 +48,7 @@ SECRET_RETRY_DELAY = 30.0
 KOPF_PREFIX = f'kopf.{GROUP}'  # kopf's annotations: kopf.reponotify.dev/last-handled-configuration
 TEST_ANNOTATION = f'{GROUP}/test'  # "Test Notification": any new value sends the sample event once
 RESET_ANNOTATION = f'{GROUP}/reset'  # "Re-enable": any new value zeroes the failure count
+REFRESH_ANNOTATION = f'{GROUP}/refresh'  # any new value reads the notification's Secrets again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +246,23 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         engine.reset(key)
         post_event_later(key, 'Normal', 'Reset', "Failure count reset by the reponotify.dev/reset annotation")
         await engine.flush_status(key)
+
+    @kopf.on.field(GROUP, VERSION, PLURAL, field=('metadata', 'annotations', REFRESH_ANNOTATION),
+                   registry=registry)
+    async def refresh_button(new: Any, namespace: str, name: str, **_: Any) -> None:
+        key = NotificationKey(namespace, name)
+        known = specs.get(key)
+        if not new or known is None:  # removed, or not handled yet (handling it reads its Secrets)
+            return
+        try:
+            await apply(key, *known)
+        except SecretNotFound as exc:
+            raise kopf.TemporaryError(str(exc), delay=options.secret_retry_delay) from None
+        except SpecError:
+            pass  # recorded in the Ready condition
+        finally:
+            await engine.flush_status(key)
+        post_event_later(key, 'Normal', 'Refreshed', "Secrets read again (the reponotify.dev/refresh annotation)")
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def forget(type: str, body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
