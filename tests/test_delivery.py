@@ -136,6 +136,19 @@ async def test_three_failed_attempts_disable_and_later_events_are_dropped(http_t
         assert len(http_target.on('/hook')) == 4
 
 
+async def test_an_outcome_is_named_once_in_the_log(http_target, tmp_path, caplog) -> None:
+    """A Dropped record's message starts with "Dropped: "; its log line read "Dropped: Dropped: ..."."""
+    http_target.script('/hook', Reply(status=500))
+    caplog.set_level('INFO', logger='reponotify.dispatcher')
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        await outcome(engine, await push(engine), 'Failed')
+        dropped = await push(engine)
+        await outcome(engine, dropped, 'Dropped')
+    [line] = [record.getMessage() for record in caplog.records if dropped in record.getMessage()]
+    assert line.endswith(f"event {dropped} to team-a/push-to-ci: Dropped: the notification is disabled after "
+                         "repeated failures"), line
+
+
 async def test_failures_count_across_deliveries(http_target, tmp_path) -> None:
     http_target.script('/hook', Reply(status=400))
     async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:

@@ -305,8 +305,9 @@ class Dispatcher:
         if not logger.isEnabledFor(level):  # a Succeeded is DEBUG: most records are not built at all
             return
         # Messages name the target's answer, never its URL or credentials (see methods.base.post_json).
-        logger.log(level, "Delivery %s of %s event %s to %s: %s: %s", delivery.id,
-                   delivery.event.kind, delivery.event.id, delivery.key, outcome.value, message,
+        named = message if message.startswith(f'{outcome.value}: ') else f'{outcome.value}: {message}'
+        logger.log(level, "Delivery %s of %s event %s to %s: %s", delivery.id,
+                   delivery.event.kind, delivery.event.id, delivery.key, named,
                    extra={'notification': str(delivery.key), 'method': method, 'event_id': delivery.event.id,
                           'event': delivery.event.kind, 'delivery_id': delivery.id, 'outcome': outcome.value,
                           'attempts': delivery.attempts, 'code': result.code if result else None})
