@@ -197,6 +197,18 @@ async def test_standalone_reports_a_broken_manifest_and_exits(tmp_path: pathlib.
     assert stderr.decode().startswith(f'Error: {folder / "broken.yaml"}: not valid YAML: ')
 
 
+async def test_an_unusable_state_dir_is_a_clear_error(tmp_path: pathlib.Path) -> None:
+    """It was a FileNotFoundError traceback from deep inside the outbox."""
+    (tmp_path / 'a-file').write_text('')
+    state = tmp_path / 'a-file' / 'state'
+    env = environment(REPONOTIFY_MANIFESTS=str(tmp_path), REPONOTIFY_STATE_DIR=str(state), REPONOTIFY_PORT='0')
+    code, _, stderr = await run('standalone', env=env, timeout=30)
+    assert code == 2
+    assert stderr.decode().splitlines()[-1] == (
+        f"Error: Invalid value for '--state-dir' (env var: 'REPONOTIFY_STATE_DIR'): {state} cannot be created: "
+        "Not a directory")
+
+
 async def test_a_bad_delivery_process_count_is_refused(tmp_path: pathlib.Path) -> None:
     env = environment(REPONOTIFY_MANIFESTS=str(tmp_path), REPONOTIFY_DELIVERY_PROCESSES='many')
     code, _, stderr = await run('standalone', env=env, timeout=30)

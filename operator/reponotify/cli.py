@@ -71,6 +71,15 @@ def _policy(ctx: click.Context, param: click.Parameter, value: str) -> TargetPol
         raise click.BadParameter(str(exc)) from None
 
 
+def _state_dir(ctx: click.Context, param: click.Parameter, value: pathlib.Path) -> pathlib.Path:
+    # Made here, so that a path that cannot be is one clear error, not a traceback from the first file in it.
+    try:
+        value.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"{value} cannot be created: {exc.strerror}") from None
+    return value
+
+
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
     try:
         durations = parse_schedule(value)
@@ -134,7 +143,7 @@ def common_options(function: F) -> F:
                help="Seconds a client has to send a whole request body."),
         option('--shutdown-grace', type=click.FloatRange(0, 600), default=10.0, show_default=True,
                help="Seconds in-flight deliveries may finish after SIGTERM; the rest stay queued."),
-        option('--state-dir', type=click.Path(file_okay=False, path_type=pathlib.Path),
+        option('--state-dir', type=click.Path(file_okay=False, path_type=pathlib.Path), callback=_state_dir,
                default=pathlib.Path('.reponotify'), show_default=True, help="Folder for state files."),
         option('--retry-schedule', default='5s,5m,30m,2h', show_default=True, callback=_schedule,
                help="Delays before each retry of a failed delivery (full jitter applies)."),
