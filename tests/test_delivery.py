@@ -466,6 +466,43 @@ async def test_a_queued_retry_of_a_deleted_notification_leaves_nothing_behind(ht
 
 # -- a graceful stop keeps what was written ----------------------------------------------------------
 
+async def test_after_a_restart_deliveries_wait_for_their_notification_to_be_handled(http_target, tmp_path) -> None:
+    """
+    A front end that routes its notifications after starting the engine (the operator: kopf resumes them)
+    holds their pending deliveries: one handled meanwhile is delivered, one never handled (deleted while
+    reponotify was down) is removed when the hold ends, with nothing recorded for it.
+    """
+    from reponotify.events import new_event
+    from reponotify.outbox import Outbox
+
+    path = tmp_path / 'outbox.sqlite3'
+    gone = NotificationKey('team-a', 'deleted-meanwhile')
+    outbox = Outbox(path)
+    await outbox.open()
+    await outbox.accept(new_event('repo_push', sample_payload('repo_push', REPOSITORY)), [KEY, gone])
+    await outbox.close()
+
+    engine = Engine(EngineSettings(dispatcher=DispatcherSettings(workers=4, retry_schedule=FAST,
+                                                                 delivery_processes=DELIVERY_PROCESSES[0]),
+                                   status_interval=0.0), outbox_path=path)
+    await engine.start(StatusFile(tmp_path / 'status.json'), hold_unhandled=1.0)
+    try:
+        await asyncio.sleep(0.3)  # both due, neither handled: nothing may go, nothing may be removed
+        assert len(engine.outbox) == 2 and http_target.requests == []
+        engine.put_notification(await compile_notification(KEY, webhook(f'{http_target.url}/hook'),
+                                                           ManifestSecrets({})))
+        engine.book.set_spec_condition(KEY, ReadyCondition('True', 'Accepted', 'routed'))
+        engine.dispatcher.release(KEY)  # handled: its delivery goes now
+        await http_target.wait_for(1, '/hook')
+        await eventually(lambda: (status(engine)['lastDelivery'] or {}).get('outcome') == 'Succeeded', "the delivery")
+        assert len(engine.outbox) == 1  # the other one still waits for its notification
+        await eventually(lambda: len(engine.outbox) == 0, "the hold to end", timeout=5)
+    finally:
+        await engine.stop()
+    assert engine.book.keys() == [KEY]
+    assert len(http_target.requests) == 1
+
+
 async def test_a_delivery_completed_before_a_graceful_stop_is_not_resumed(tmp_path) -> None:
     """
     ``Outbox.close`` must let a commit already handed to its database thread finish. It used to

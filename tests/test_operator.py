@@ -698,6 +698,35 @@ async def test_restart_resumes_with_counters_from_status(cluster, start_operator
     assert len(cluster.events('kept')) == 1  # no new Accepted Event: Ready did not change
 
 
+async def test_a_restart_delivers_what_fell_due_before_the_resources_were_resumed(cluster, start_operator, http_target):
+    """
+    The dispatcher starts before kopf resumes the resources: a delivery already due then found its
+    notification unknown and was removed as if deleted, with nothing recorded. It waits for the resume now.
+    """
+    http_target.script('/hook', Reply(status=503, headers={'Retry-After': '1'}))
+    first = await start_operator(retry_schedule=(0.05,) * 4)
+    names = [f'kept-{i}' for i in range(5)]
+    for name in names:
+        await cluster.create(name, webhook_spec(f'{http_target.url}/hook', repository=f'acme/{name}'))
+    for name in names:
+        await cluster.wait_ready(name, 'True', 'Accepted', generation=1)
+    for name in names:
+        assert (await first.post_event('repo_push', sample_payload('repo_push', f'acme/{name}')))['matched'] == 1
+    for name in names:
+        await cluster.wait_status(name, lambda s: (s.get('lastDelivery') or {}).get('outcome') == 'Retrying',
+                                  "the first attempt to fail")
+    await first.stop()
+    http_target.script('/hook', Reply(status=200))
+    await asyncio.sleep(1.2)  # every retry is due before the operator starts again
+
+    await start_operator()
+    for name in names:
+        status = await cluster.wait_status(name, lambda s: s['deliveries']['succeeded'] == 1, "the resumed delivery")
+        assert status['deliveries'] == {'succeeded': 1, 'failed': 0, 'dropped': 0}
+        assert delivery(status['lastDelivery'])['attempts'] == 2
+    assert len(http_target.on('/hook')) == 10
+
+
 async def test_emulator_versions_objects_as_an_api_server_does(cluster):
     """The emulator extension the tests above rely on (no operator running)."""
     created = await cluster.create('plain', webhook_spec('http://127.0.0.1:9/hook'))

@@ -352,3 +352,24 @@ async def test_a_spec_that_is_not_a_mapping_is_an_invalid_spec_not_a_crash(folde
     assert (condition['status'], condition['reason'], condition['message']) == ('False', 'InvalidSpec', message)
     assert engine.routing.get(NotificationKey('team-a', 'good')) is not None
     assert engine.routing.get(NotificationKey('team-a', 'bad')) is None
+
+
+async def test_the_listing_shows_a_spec_that_is_not_a_mapping_as_invalid(folder: pathlib.Path, tmp_path: pathlib.Path,
+                                                                          unused_tcp_port: int) -> None:
+    """The listing read such a spec's fields and answered 500 for every notification."""
+    write(folder, 'bad.yaml', """\
+        apiVersion: reponotify.dev/v1alpha1
+        kind: RepositoryNotification
+        metadata: {name: bad, namespace: demo}
+        spec: [1, 2]
+        """)
+    (folder / 'good.yaml').write_text(notification('good', 'repo_push', 'webhook', '{url: "https://ci.example.com/x"}'))
+    async with standalone(folder, tmp_path / 'state', unused_tcp_port) as url:
+        code, listing = await get_json(f'{url}/v1/notifications')
+    assert code == 200
+    items = by_name(listing)
+    assert {key: items['bad'][key] for key in ('repository', 'event', 'method', 'title')} == dict.fromkeys(
+        ('repository', 'event', 'method', 'title'))
+    assert ready_of(items['bad']) == (
+        'False', 'InvalidSpec', "spec: Input should be a valid dictionary or instance of RepositoryNotificationSpec")
+    assert ready_of(items['good'])[:2] == ('True', 'Accepted')

@@ -19,7 +19,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import aiohttp
@@ -115,6 +115,10 @@ class Dispatcher:
         self._parked: dict[str, collections.deque[PendingDelivery]] = {}
         self._processes: DeliveryProcesses | None = None
         self._closing = False
+        # Notifications not handled yet by the front end (after a restart), with the deliveries that wait
+        # for each, set aside (see hold()).
+        self._held: dict[NotificationKey, list[PendingDelivery]] = {}
+        self._hold_timer: asyncio.TimerHandle | None = None
 
     @property
     def parked(self) -> int:
@@ -142,6 +146,9 @@ class Dispatcher:
         A cancelled attempt's delivery is not completed, so it stays in the outbox for the next start.
         """
         self._closing = True
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         busy = [worker for worker in self._workers if worker in self._busy]
         for worker in self._workers:
             if worker not in self._busy:
@@ -158,6 +165,29 @@ class Dispatcher:
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+    def hold(self, keys: Collection[NotificationKey], seconds: float) -> None:
+        """
+        Deliveries of these notifications wait until the front end has handled each (``release``), or at
+        most ``seconds``: after a restart, the outbox holds deliveries before the routing table holds their
+        notifications. Without this, one already due found its notification unknown and was removed as a
+        deleted one's is. After ``seconds``, a notification still unknown was deleted meanwhile.
+        """
+        self._held = {key: [] for key in keys}
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+        self._hold_timer = asyncio.get_running_loop().call_later(seconds, self._release_all)
+
+    def release(self, key: NotificationKey) -> None:
+        """The front end has handled this notification (routed it, recorded why not, or it was deleted)."""
+        waiting = self._held.pop(key, None)
+        if waiting:
+            self._outbox.put_back(waiting)
+
+    def _release_all(self) -> None:
+        self._hold_timer = None
+        held, self._held = self._held, {}
+        self._outbox.put_back([delivery for waiting in held.values() for delivery in waiting])
 
     def forget(self, key: NotificationKey) -> None:
         """A notification was deleted: delivery processes drop what they hold of it."""
@@ -183,6 +213,9 @@ class Dispatcher:
     async def process(self, delivery: PendingDelivery) -> None:
         """Make one attempt of one delivery and record what happened."""
         notification = self._routing.get(delivery.key)
+        if notification is None and delivery.key in self._held:  # not handled yet since the restart
+            self._held[delivery.key].append(delivery)  # set aside (still on disk) until release()
+            return
         if notification is None:  # deleted, suspended or made invalid since the event was accepted
             ready = self._book.ready_condition(delivery.key)
             if ready is not None:  # still there, not routed: say what became of the event (deleted: no status)

@@ -91,7 +91,12 @@ class Engine:
         self._flusher: StatusFlusher | None = None
         self._flusher_task: asyncio.Task[None] | None = None
 
-    async def start(self, sink: StatusSink) -> None:
+    async def start(self, sink: StatusSink, *, hold_unhandled: float = 0.0) -> None:
+        """
+        Open the outbox and start delivering. ``hold_unhandled``: a front end that handles its
+        notifications after this (the operator: kopf resumes the resources once it watches them)
+        says for how long, at most, their pending deliveries wait for that (``Dispatcher.hold``).
+        """
         if self.verification is not None:
             try:
                 self.verification.open()
@@ -100,6 +105,8 @@ class Engine:
         pending = await self.outbox.open()
         if pending:
             logger.info("Resuming %d pending deliveries from the outbox", pending)
+            if hold_unhandled > 0:
+                self.dispatcher.hold(self.outbox.pending_keys(), hold_unhandled)
         self._flusher = StatusFlusher(self.book, sink, min_interval=self.settings.status_interval)
         self._flusher_task = asyncio.create_task(self._flusher.run(), name='status-flusher')
         await self.dispatcher.start()

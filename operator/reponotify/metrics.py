@@ -7,7 +7,9 @@ in one process, and nothing else in the process should leak into the scrape).
 
 Every label has a small, fixed set of values: no repository, URL, notification
 or event id is ever a label (a label value per repository would make the number
-of series grow without bound, and URLs may be secrets).
+of series grow without bound, and URLs may be secrets). ``method`` is one of the
+methods, or ``unknown`` for a delivery dropped because its notification is not
+routed any more (suspended or invalid: what its method was is not kept).
 
 ====================================================  ===========================================
 ``reponotify_events_received_total{source,event}``    events accepted and queued (not replays);

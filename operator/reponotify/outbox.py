@@ -215,6 +215,10 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def pending_keys(self) -> set[NotificationKey]:
+        """The notifications that deliveries wait for (due or not)."""
+        return {delivery.key for delivery in self._pending.values()}
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> int:
@@ -510,6 +514,14 @@ class Outbox:
         delivery.due = self._clock() + delay
         self._push(delivery)
         self._wake(1)  # one worker re-reads the heap (and its next due time)
+
+    def put_back(self, deliveries: Collection[PendingDelivery]) -> None:
+        """Deliveries a taker set aside (without an attempt) are due again, now."""
+        now = self._clock()
+        for delivery in deliveries:
+            delivery.due = now
+            self._push(delivery)
+        self._wake(len(deliveries))
 
     async def make_due(self, keys: Collection[NotificationKey]) -> int:
         """

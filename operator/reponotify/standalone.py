@@ -182,6 +182,8 @@ async def list_notifications(request: web.Request) -> web.Response:
     items = []
     for key, resource in sorted(manifests.notifications.items()):
         spec = resource.get('spec') or {}
+        if not isinstance(spec, dict):  # an InvalidSpec (its status says so): no fields to show
+            spec = {}
         items.append({
             'namespace': key.namespace, 'name': key.name,
             'repository': spec.get('repository'), 'event': spec.get('event'),

@@ -49,6 +49,9 @@ KOPF_PREFIX = f'kopf.{GROUP}'  # kopf's annotations: kopf.reponotify.dev/last-ha
 TEST_ANNOTATION = f'{GROUP}/test'  # "Test Notification": any new value sends the sample event once
 RESET_ANNOTATION = f'{GROUP}/reset'  # "Re-enable": any new value zeroes the failure count
 REFRESH_ANNOTATION = f'{GROUP}/refresh'  # any new value reads the notification's Secrets again
+# After a restart, pending deliveries wait at most this long (seconds) for kopf to resume their resources
+# (Dispatcher.hold); a resource not resumed by then was deleted while the operator was down.
+RESUME_HOLD = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +151,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=KOPF_PREFIX)
         settings.posting.enabled = False  # our own Events, about notifications, not handler logs
         try:
-            await engine.start(KubeStatusSink(client))
+            await engine.start(KubeStatusSink(client), hold_unhandled=RESUME_HOLD)
         except OutboxError as exc:
             raise kopf.PermanentError(str(exc)) from None  # stop, saying why, rather than lose the queue
         receiver = options.common.receiver
@@ -204,6 +207,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         except SpecError:
             pass  # recorded in the Ready condition: a person has to change something
         finally:
+            engine.dispatcher.release(key)  # its deliveries held since a restart go on, as it now is
             await engine.flush_status(key)
 
     @kopf.on.event('', 'v1', 'namespaces', registry=registry)
@@ -271,6 +275,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         if type == 'DELETED' or body.metadata.get('deletionTimestamp'):
             engine.remove_notification(key)
             engine.book.forget(key)
+            engine.dispatcher.release(key)  # held deliveries of a deleted notification: removed, unrecorded
             delivery_warnings.forget(key)
             uids.pop(key, None)
             specs.pop(key, None)
