@@ -235,6 +235,16 @@ async def test_retry_after_is_honoured_up_to_a_day(http_target, tmp_path, retry_
         'message': 'webhook target answered 429; retrying in 86400.0s'}
 
 
+@pytest.mark.parametrize('value, seconds', [
+    ('30', 30.0), (' 7 ', 7.0), ('99999999999', 86400.0), ('9' * 400, 86400.0),
+    ('\u00b2', None), ('\u0663', None),  # digits to str.isdigit, not to float(): "unexpected errors" once
+    ('soon', None), ('', None), (None, None),
+])
+def test_retry_after_values(value: str | None, seconds: float | None) -> None:
+    from reponotify.methods.base import parse_retry_after
+    assert parse_retry_after(value) == seconds
+
+
 async def test_success_resets_the_failure_count_within_a_delivery(http_target, tmp_path) -> None:
     http_target.script('/hook', Reply(status=500), Reply(status=500), Reply(status=200))
     async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
