@@ -391,7 +391,7 @@ NOT_GZIP = b'{"repository": "acme/web"}'
      (400, {'error': "body is not valid JSON: number 1e999 is out of range"})),
 ], ids=['gzip', 'deflate', 'idempotency-key', 'bearer', 'signature', 'surrogate', 'surrogate-key', 'infinity'])
 async def test_bad_bytes_get_a_precise_4xx_not_a_500(engine: Engine, headers: bytes, body: bytes,
-                                                      expected: tuple[int, object]) -> None:
+                                                      expected: tuple[int, object], caplog) -> None:
     async with TestClient(TestServer(make_app(engine, token=TOKEN, hmac_secret='hmac-secret'))) as test_client:
         port = test_client.server.port
         assert port is not None
@@ -401,6 +401,8 @@ async def test_bad_bytes_get_a_precise_4xx_not_a_500(engine: Engine, headers: by
             expected = (401, {'error': SOURCES_UNAUTHORIZED})
         assert await raw_post(port, b'/v1/sources/quay/repo_push', headers, body) == expected
     assert len(engine.outbox) == 0
+    # Nothing logged as an error either (aiohttp read an undecodable body again after the answer).
+    assert [record.getMessage() for record in caplog.records if record.levelname == 'ERROR'] == []
 
 
 async def test_escaped_surrogate_pairs_and_finite_numbers_are_accepted(client: TestClient, engine: Engine) -> None:

@@ -175,7 +175,12 @@ async def read_body(request: web.Request) -> bytes | web.Response:
         return error(408, f"request body not received within {request.app[READ_TIMEOUT]:g}s", 'timeout')
     except RequestPayloadError:  # the Content-Encoding (gzip, deflate) does not decode
         encoding = request.headers.get('Content-Encoding', '')[:50]
-        return error(400, f"request body could not be decoded (Content-Encoding: {encoding})", 'malformed_json')
+        answer = error(400, f"request body could not be decoded (Content-Encoding: {encoding})", 'malformed_json')
+        # Done with this body and this connection: aiohttp would otherwise read the rest of the body after
+        # the answer (to keep the connection), fail again, and log that as an unhandled exception.
+        request.content.feed_eof()
+        answer.force_close()
+        return answer
 
 
 async def post_event(request: web.Request) -> web.Response:
