@@ -3,6 +3,7 @@ Slack: the exact message body (Quay's shape), colours per level, and the HTML-to
 """
 import copy
 import json
+import re
 from typing import Any
 
 import pytest
@@ -123,6 +124,26 @@ def test_vulnerability_colour_follows_priority(priority: str, color: str) -> Non
     body = body_for('vulnerability_found', payload)
     assert body['attachments'][0]['color'] == color
     assert body['text'] == f'{priority} vulnerability detected in repository dgangaia/repository in 2 tags'
+
+
+def test_user_content_cannot_inject_a_mention_or_a_link_through_the_summary() -> None:
+    """The top-level text (and the fallback) is the summary, which quotes payload fields: escaped as well."""
+    payload = sample_payload('repo_mirror_sync_failed') | {'message': '<!channel> <https://evil.example|Click> & x'}
+    body = body_for('repo_mirror_sync_failed', payload)
+    escaped = 'Repository Mirror failed for &lt;!channel&gt; &lt;https://evil.example|Click&gt; &amp; x'
+    assert body['text'] == escaped
+    assert body['attachments'][0]['fallback'] == escaped
+
+
+def test_user_content_cannot_add_a_link_through_a_url_field() -> None:
+    """A URL with "|" or ">" made a second, attacker-chosen link; they are percent-encoded in the link now."""
+    payload = sample_payload('repo_push') | {
+        'homepage': 'https://quay.io/repository/acme/web|Fake> <https://evil.example/phish|Click here'}
+    text = body_for('repo_push', payload)['attachments'][0]['text']
+    links = re.findall(r'<([^|>]*)\|([^>]*)>', text)
+    assert text.count('<') == text.count('>') == len(links) == 2  # the message's own two links, and no other
+    assert all(url.startswith('https://quay.io/repository/acme/web%7CFake%3E %3Chttps://evil.example/phish%7CClick')
+               for url, _ in links), links
 
 
 def test_user_content_cannot_inject_slack_markup() -> None:

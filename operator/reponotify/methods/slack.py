@@ -8,7 +8,8 @@ collapses, ``<br>`` becomes a line break, links become ``<url|text>``, bold
 ``*x*``, italics ``_x_``, other tags are dropped. Unlike Quay, newlines turn
 into spaces rather than vanishing, so bold text keeps its word boundaries
 (``branch *main*``, not ``branch*main*``, which Slack would not render), and
-``&``, ``<`` and ``>`` in text are escaped as Slack requires.
+``&``, ``<`` and ``>`` in text, the summary included, are escaped as Slack requires
+(a payload field cannot mention ``<!channel>`` or add a link).
 
 The incoming-webhook URL is a credential: ``url`` or ``urlFrom``.
 """
@@ -54,11 +55,14 @@ class _MrkdwnWriter(html.parser.HTMLParser):
         self.parts: list[str] = []
 
     def handle_data(self, data: str) -> None:
-        self.parts.append(data.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;'))
+        self.parts.append(escape(data))
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == 'a':
-            self.parts.append(f"<{dict(attrs).get('href') or ''}|")
+            # A URL from the payload must not end the link early or start another: its "|", "<" and ">"
+            # are percent-encoded (the same URL to a browser).
+            href = (dict(attrs).get('href') or '').replace('|', '%7C').replace('<', '%3C').replace('>', '%3E')
+            self.parts.append(f"<{href}|")
         elif tag == 'br':
             self.parts.append('\n')
         elif tag in self._MARKS:
@@ -69,6 +73,11 @@ class _MrkdwnWriter(html.parser.HTMLParser):
             self.parts.append('>')
         elif tag in self._MARKS:
             self.parts.append(self._MARKS[tag])
+
+
+def escape(text: str) -> str:
+    """Text for a Slack message: ``&``, ``<`` and ``>`` as entities, so that no mention or link comes of it."""
+    return text.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
 
 
 def html_to_mrkdwn(message: str) -> str:
@@ -82,7 +91,7 @@ def html_to_mrkdwn(message: str) -> str:
 
 
 def slack_body(event: Event, username: str) -> dict[str, Any]:
-    summary = event.summary
+    summary = escape(event.summary)  # it quotes payload fields (a mirror's message, a priority, ...)
     return {
         'text': summary,
         'username': username,
