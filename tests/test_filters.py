@@ -209,6 +209,20 @@ def test_days_filter(days: int, expiring_in: str, expected: bool) -> None:
     assert fires('repo_image_expiry', {'days': days}, expiry(expiring_in)) is expected
 
 
+@pytest.mark.parametrize('days, expiring_in', [(1, '1 days'), (3, '3 days'), (30, '30 days')])
+async def test_a_test_of_an_expiry_notification_expires_within_its_days(days: int, expiring_in: str) -> None:
+    """As Quay builds its test sample from the configured days: with days under 7, the test was always Filtered."""
+    from reponotify.engine import test_payload
+    from reponotify.notifications import NotificationKey, compile_notification
+
+    spec = {'repository': 'acme/web', 'event': 'repo_image_expiry', 'eventConfig': {'days': days},
+            'method': 'webhook', 'config': {'url': 'https://ci.example.com/hook'}}
+    notification = await compile_notification(NotificationKey('team-a', 'expiry'), spec, ManifestSecrets({}))
+    payload = test_payload(notification)
+    assert payload['expiring_in'] == expiring_in
+    assert notification.matches(payload)
+
+
 def test_days_filter_without_a_usable_expiry_does_not_fire() -> None:
     payload = sample_payload('repo_image_expiry')
     del payload['expiring_in']

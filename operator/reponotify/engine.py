@@ -45,7 +45,7 @@ def accepted_condition(notification: Notification) -> ReadyCondition:
 
 
 def test_payload(notification: Notification) -> dict[str, Any]:
-    """The sample payload for a notification's test, aimed at its repository (and level, as Quay does).
+    """The sample payload for a notification's test, aimed at its repository (and level or days, as Quay does).
 
     For a glob notification (``acme/*``) the sample names a repository the glob matches (``acme/example``).
     """
@@ -55,6 +55,8 @@ def test_payload(notification: Notification) -> dict[str, Any]:
     if notification.event == 'vulnerability_found':
         level = priority_level(config.level) if config and config.level is not None else 0
         payload['vulnerability'] = {**payload['vulnerability'], 'priority': PRIORITIES[level or 0]}
+    elif notification.event == 'repo_image_expiry' and config and config.days is not None:
+        payload['expiring_in'] = f"{config.days} days"  # as Quay writes it, also for 1
     return payload
 
 
