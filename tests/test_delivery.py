@@ -149,6 +149,36 @@ async def test_an_outcome_is_named_once_in_the_log(http_target, tmp_path, caplog
                          "repeated failures"), line
 
 
+async def test_a_failing_notification_makes_one_attempt_at_a_time_so_three_failures_mean_three_attempts(
+        http_target, tmp_path) -> None:
+    """
+    Once an attempt has failed, the next ones go one at a time: ten events at once to a notification with
+    one failure made up to a worker's worth of attempts after the third failure had disabled it.
+    """
+    http_target.script('/hook', Reply(status=400))  # final: each event is one attempt
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        await outcome(engine, await push(engine), 'Failed')
+        await asyncio.gather(*(push(engine) for _ in range(10)))
+        await eventually(lambda: sum(status(engine)['deliveries'].values()) == 11, "every event's outcome")
+    assert len(http_target.on('/hook')) == 3
+    final = status(engine)
+    assert final['numberOfFailures'] == 3
+    assert final['deliveries'] == {'succeeded': 0, 'failed': 3, 'dropped': 8}
+
+
+async def test_a_notification_that_recovers_sends_everything_that_waited_for_its_one_attempt(
+        http_target, tmp_path) -> None:
+    """The deliveries that waited while it was failing all go once an attempt succeeds (none is left waiting)."""
+    http_target.script('/hook', Reply(status=400), Reply(status=200))
+    async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:
+        await outcome(engine, await push(engine), 'Failed')
+        await asyncio.gather(*(push(engine) for _ in range(10)))
+        await eventually(lambda: status(engine)['deliveries']['succeeded'] == 10, "ten deliveries")
+        await eventually(lambda: len(engine.outbox) == 0, "the outbox to be empty")
+    assert len(http_target.on('/hook')) == 11
+    assert status(engine)['numberOfFailures'] == 0
+
+
 async def test_failures_count_across_deliveries(http_target, tmp_path) -> None:
     http_target.script('/hook', Reply(status=400))
     async with running(tmp_path, webhook(f'{http_target.url}/hook')) as engine:

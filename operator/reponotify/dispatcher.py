@@ -41,6 +41,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0)
 
 UNEXPECTED_ERROR = "unexpected error (see the operator's log)"
+FAILING_LANE = 'failing notification '  # the in-flight count of a failing notification, beside its target's
+
+
+def failing_lane(key: NotificationKey) -> str:
+    """Where a notification's attempts are counted (and its deliveries wait) while it is failing."""
+    return f'{FAILING_LANE}{key}'
 NO_LONGER_MATCHES = ("Dropped: the notification was changed and no longer matches this event "
                      "(repository, event or eventConfig)")
 
@@ -222,15 +228,20 @@ class Dispatcher:
                 self._record(delivery, DeliveryOutcome.DROPPED,
                              f"Dropped: the notification is not ready ({ready.reason}: {ready.message})")
             await self._outbox.complete(delivery)
+            await self._let_next_out(failing_lane(delivery.key))
             return
+        target = notification.method.target_key(notification.target) or str(notification.key)
+        lane = failing_lane(delivery.key)
         if not self._routing.routes(notification, delivery.event):  # changed since: the event is not for it now
             self._record(delivery, DeliveryOutcome.DROPPED, NO_LONGER_MATCHES)
             await self._outbox.complete(delivery)
+            await self._let_next_out(target, lane)
             return
         if self._book.is_disabled(delivery.key):
             self._record(delivery, DeliveryOutcome.DROPPED,
                          "Dropped: the notification is disabled after repeated failures")
             await self._outbox.complete(delivery)
+            await self._let_next_out(target, lane)
             return
         hold = self.gate(notification, delivery) if self.gate is not None else None
         if hold is not None:
@@ -239,25 +250,34 @@ class Dispatcher:
                 await self._outbox.complete(delivery)
             else:
                 await self._outbox.postpone(delivery, hold.delay)  # no attempt: nothing to count or write
+            await self._let_next_out(target, lane)
             return
 
-        target = notification.method.target_key(notification.target) or str(notification.key)
-        if self._per_target[target] >= self._settings.per_target:
-            self._parked.setdefault(target, collections.deque()).append(delivery)  # this worker goes on
+        # A notification whose last attempt failed makes one attempt at a time: Quay's three failures
+        # then mean three attempts, not as many as were in flight when the third one failed.
+        lanes = (target, lane) if self._book.failures(delivery.key) else (target,)
+        full = target if self._per_target[target] >= self._settings.per_target else \
+            lane if len(lanes) > 1 and self._per_target[lane] else None
+        if full is not None:
+            self._parked.setdefault(full, collections.deque()).append(delivery)  # this worker goes on
             return
-        self._per_target[target] += 1
+        for each in lanes:
+            self._per_target[each] += 1
         try:
             result, duration_ms = await self._attempt(notification, delivery)
         finally:
-            self._per_target[target] -= 1
-            if not self._per_target[target]:
-                del self._per_target[target]
-            await self._unpark(target)
+            for each in lanes:
+                self._per_target[each] -= 1
+                if not self._per_target[each]:
+                    del self._per_target[each]
+                await self._unpark(each)
         delivery.attempts += 1
         if self._routing.get(delivery.key) is None:  # deleted during the attempt: it has no status to update
             await self._outbox.complete(delivery)
             return
         disabled = self._book.record_attempt(delivery.key, result.ok)
+        if result.ok:  # not failing any more: what waited for its one attempt at a time goes now
+            self._let_all_out(failing_lane(delivery.key))
 
         if result.ok:
             self._record(delivery, DeliveryOutcome.SUCCEEDED, result.message, result, duration_ms)
@@ -292,6 +312,20 @@ class Dispatcher:
             if routed:
                 self._record(delivery, DeliveryOutcome.RETRYING, f"{UNEXPECTED_ERROR}; retrying in {delay:.1f}s")
             await self._outbox.retry_later(delivery, delay)
+
+    async def _let_next_out(self, *lanes: str) -> None:
+        """
+        A delivery went without an attempt. It may have been let out of a lane's queue by an attempt that
+        ended, to go next: if nothing is in flight there now, nothing else would let the next one out.
+        """
+        for lane in lanes:
+            if self._parked.get(lane) and not self._per_target[lane]:
+                await self._unpark(lane)
+
+    def _let_all_out(self, lane: str) -> None:
+        parked = self._parked.pop(lane, None)
+        if parked:
+            self._outbox.put_back(parked)
 
     async def _unpark(self, target: str) -> None:
         """An attempt to ``target`` ended: the delivery parked longest for it is due again, now."""

@@ -149,6 +149,11 @@ class StatusBook:
 
     # -- what the dispatcher says --------------------------------------------------------------
 
+    def failures(self, key: NotificationKey) -> int:
+        """Consecutive failed attempts (numberOfFailures)."""
+        entry = self._entries.get(key)
+        return 0 if entry is None else entry.number_of_failures
+
     def is_disabled(self, key: NotificationKey) -> bool:
         entry = self._entries.get(key)
         return entry is not None and entry.number_of_failures >= DISABLE_AFTER_FAILURES
