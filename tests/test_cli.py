@@ -186,6 +186,33 @@ async def test_send_to_nothing_fails_clearly(unused_tcp_port: int) -> None:
     assert stderr.decode().startswith(f'Error: could not reach http://127.0.0.1:{unused_tcp_port}: ')
 
 
+@pytest.mark.parametrize('arguments, message', [
+    (['--idempotency-key', 'cl\u00e9'], "Error: --idempotency-key must be printable ASCII"),
+    (['--url', 'http://[::1'], "Error: --url 'http://[::1' is not a usable URL"),
+    (['--token-file', 'TOKEN'], "Error: --token-file holds characters that cannot go in a header (not ASCII)"),
+])
+async def test_send_refuses_unusable_values_with_one_line(tmp_path: pathlib.Path, arguments: list[str],
+                                                           message: str) -> None:
+    """They ended in Python tracebacks (UnicodeEncodeError, httpx.InvalidURL)."""
+    token = tmp_path / 'token'
+    token.write_text('caf\u00e9\n')
+    arguments = [str(token) if argument == 'TOKEN' else argument for argument in arguments]
+    code, stdout, stderr = await run('send', 'repo_push', '--url', 'http://127.0.0.1:9', *arguments)
+    assert (code, stdout, stderr.decode().splitlines()) == (1, b'', [message])
+
+
+@pytest.mark.parametrize('option, value', [
+    ('--read-timeout', 'nan'), ('--timeout', 'nan'), ('--shutdown-grace', 'NaN'), ('--status-interval', 'nan'),
+    ('--delivery-processes', '\u00b2'),
+])
+async def test_a_number_option_refuses_what_is_no_number(tmp_path: pathlib.Path, option: str, value: str) -> None:
+    """nan passed click's ranges (every slow body then got a 500); "\u00b2" is a digit to str.isdigit."""
+    code, _, stderr = await run('standalone', '--manifests', str(tmp_path), option, value, timeout=30)
+    assert code == 2
+    last = stderr.decode().splitlines()[-1]
+    assert last.startswith(f"Error: Invalid value for '{option}'"), last
+
+
 async def test_standalone_reports_a_broken_manifest_and_exits(tmp_path: pathlib.Path) -> None:
     folder = tmp_path / 'manifests'
     folder.mkdir()

@@ -52,9 +52,19 @@ class ProcessCount(click.ParamType):
         text = str(value).strip().lower()
         if text == AUTO:
             return AUTO
-        if text.isdigit() and int(text) <= MAX_DELIVERY_PROCESSES:
+        if text.isascii() and text.isdigit() and int(text) <= MAX_DELIVERY_PROCESSES:  # not '\u00b2'
             return int(text)
         self.fail(f"{value!r} is not 'auto' or a number from 0 to {MAX_DELIVERY_PROCESSES}", param, ctx)
+
+
+class Seconds(click.FloatRange):
+    """A float range that also refuses ``nan`` (click's own lets it through: no comparison fails)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
 
 
 def _schedule(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
@@ -139,9 +149,9 @@ def common_options(function: F) -> F:
         option('--token', help="The bearer token itself (prefer --token-file: command lines are visible)."),
         option('--hmac-secret-file', type=click.Path(dir_okay=False, path_type=pathlib.Path),
                help="File holding a secret: requests signed with X-Signature: sha256=<HMAC of body> pass."),
-        option('--read-timeout', type=click.FloatRange(0.1, 600), default=10.0, show_default=True,
+        option('--read-timeout', type=Seconds(0.1, 600), default=10.0, show_default=True,
                help="Seconds a client has to send a whole request body."),
-        option('--shutdown-grace', type=click.FloatRange(0, 600), default=10.0, show_default=True,
+        option('--shutdown-grace', type=Seconds(0, 600), default=10.0, show_default=True,
                help="Seconds in-flight deliveries may finish after SIGTERM; the rest stay queued."),
         option('--state-dir', type=click.Path(file_okay=False, path_type=pathlib.Path), callback=_state_dir,
                default=pathlib.Path('.reponotify'), show_default=True, help="Folder for state files."),
@@ -158,9 +168,9 @@ def common_options(function: F) -> F:
                     "are busy."),
         option('--per-target', type=click.IntRange(1, 10_000), default=16, show_default=True,
                help="Concurrent attempts to one target host, so a slow target cannot take every worker."),
-        option('--timeout', type=click.FloatRange(0.1, 300), default=10.0, show_default=True,
+        option('--timeout', type=Seconds(0.1, 300), default=10.0, show_default=True,
                help="Seconds before a delivery attempt times out."),
-        option('--status-interval', type=click.FloatRange(0.0, 3600), default=1.0, show_default=True,
+        option('--status-interval', type=Seconds(0.0, 3600), default=1.0, show_default=True,
                help="At most one status write per notification per this many seconds."),
         option('--allow-targets', default='', callback=_policy,
                help="Comma-separated CIDRs and host names deliveries may reach although not globally routable "
@@ -294,7 +304,7 @@ def main() -> None:
 @option('--repository-policy', type=click.Choice(['allow', 'deny']), default='allow', show_default=True,
         help="Tenancy: which repositories a namespace without the reponotify.dev/allowed-repositories "
              "annotation may subscribe to: all (allow) or none (deny).")
-@option('--warning-event-interval', type=click.FloatRange(0, 86400), default=60.0, show_default=True,
+@option('--warning-event-interval', type=Seconds(0, 86400), default=60.0, show_default=True,
         help="At most one Warning Event about failed deliveries per notification per this many seconds "
              "(the next one counts those in between).")
 def operator(namespaces: tuple[str, ...], liveness: str, kube_api_url: str | None, repository_policy: str,
@@ -349,11 +359,18 @@ def send(event: str, url: str, payload: Any, repository: str | None, token_file:
     body = payload.read() if payload is not None else json.dumps(sample_payload(event, repository)).encode()
     headers = {'Content-Type': 'application/json'}
     if token_file is not None:
-        headers['Authorization'] = f'Bearer {token_file.read_text().strip()}'
+        token = token_file.read_text().strip()
+        if not token.isascii():
+            raise click.ClickException("--token-file holds characters that cannot go in a header (not ASCII)")
+        headers['Authorization'] = f'Bearer {token}'
     if idempotency_key:
+        if not (idempotency_key.isascii() and idempotency_key.isprintable()):
+            raise click.ClickException("--idempotency-key must be printable ASCII")
         headers['Idempotency-Key'] = idempotency_key
     try:
         response = httpx.post(f"{url.rstrip('/')}/v1/events/{event}", content=body, headers=headers, timeout=30)
+    except httpx.InvalidURL:
+        raise click.ClickException(f"--url {url!r} is not a usable URL") from None
     except httpx.HTTPError as exc:
         raise click.ClickException(f"could not reach {url}: {exc}") from None
     click.echo(response.text)
