@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from reponotify.config import SourceSettings
 from reponotify.engine import Engine, EngineSettings
+from reponotify.events import sample_payload
 from reponotify.notifications import NotificationKey, compile_notification
 from reponotify.outbox import PendingDelivery
 from reponotify.receiver import make_app
@@ -444,6 +445,30 @@ async def test_distribution_repeated_envelope_is_delivered_once(client: TestClie
     status, again = await answer(response)
     assert status == 202
     assert again['events'] == [{**first['events'][0], 'replayed': True}]
+    assert len(await queued(engine)) == 1
+
+
+async def test_a_client_key_cannot_claim_a_registry_event(client: TestClient, engine: Engine) -> None:
+    """
+    /v1/events kept its Idempotency-Key as given, beside the sources' own keys: a client sending the key a
+    registry event would get ("distribution:event:<id>") made that push a "replay", never delivered.
+    """
+    envelope = fixture('distribution/manifest-push-envelope.json')
+    claim = {**AUTH, 'Idempotency-Key': f"distribution:event:{envelope['events'][0]['id']}"}
+    other = sample_payload('repo_push', 'other/thing')
+    assert (await client.post('/v1/events/repo_push', json=other, headers=claim)).status == 202
+    status, answered = await answer(await client.post('/v1/sources/distribution', json=envelope, headers=AUTH))
+    assert (status, answered['matched'], answered['events'][0]['replayed']) == (202, 1, False)
+    assert [delivery.event.payload['updated_tags'] for delivery in await queued(engine)] == [['v1']]
+
+
+async def test_quay_keys_are_one_namespace_on_both_quay_endpoints(client: TestClient, engine: Engine) -> None:
+    """Quay's notifications come to /v1/events or /v1/sources/quay: a key is the same key on either."""
+    payload = sample_payload('repo_push', 'acme/web')
+    headers = {**AUTH, 'Idempotency-Key': 'quay-both'}
+    first = await (await client.post('/v1/events/repo_push', json=payload, headers=headers)).json()
+    status, again = await answer(await client.post('/v1/sources/quay/repo_push', json=payload, headers=headers))
+    assert (status, again['events'][0]['id'], again['events'][0]['replayed']) == (202, first['id'], True)
     assert len(await queued(engine)) == 1
 
 

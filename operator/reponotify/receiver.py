@@ -209,7 +209,10 @@ async def post_event(request: web.Request) -> web.Response:
     if problem:
         return error(422, problem, 'invalid_payload')
 
-    accepted = await request.app[ENGINE].ingest(kind, payload, idempotency_key=idempotency_key)
+    # Kept as the quay source keeps its keys (/v1/sources/quay: the same events, the same keys), apart from
+    # the other sources' ("distribution:event:<id>"): a client's key must not claim a registry's event.
+    stored_key = f'quay:{idempotency_key}' if idempotency_key is not None else None
+    accepted = await request.app[ENGINE].ingest(kind, payload, idempotency_key=stored_key)
     headers = {'Idempotent-Replayed': 'true'} if accepted.replayed else None
     return web.json_response({'id': accepted.id, 'matched': accepted.matched}, status=202, headers=headers)
 
