@@ -223,41 +223,34 @@ class Dispatcher:
             self._held[delivery.key].append(delivery)  # set aside (still on disk) until release()
             return
         if notification is None:  # deleted, suspended or made invalid since the event was accepted
+            # Still there, not routed: say what became of the event. Deleted: there is no status to say it in.
             ready = self._book.ready_condition(delivery.key)
-            if ready is not None:  # still there, not routed: say what became of the event (deleted: no status)
-                self._record(delivery, DeliveryOutcome.DROPPED,
-                             f"Dropped: the notification is not ready ({ready.reason}: {ready.message})")
-            await self._outbox.complete(delivery)
-            await self._let_next_out(failing_lane(delivery.key))
+            dropped = None if ready is None else \
+                f"Dropped: the notification is not ready ({ready.reason}: {ready.message})"
+            await self._went_without_attempt(delivery, None, dropped)
             return
         target = notification.method.target_key(notification.target) or str(notification.key)
-        lane = failing_lane(delivery.key)
         if not self._routing.routes(notification, delivery.event):  # changed since: the event is not for it now
-            self._record(delivery, DeliveryOutcome.DROPPED, NO_LONGER_MATCHES)
-            await self._outbox.complete(delivery)
-            await self._let_next_out(target, lane)
+            await self._went_without_attempt(delivery, target, NO_LONGER_MATCHES)
             return
         if self._book.is_disabled(delivery.key):
-            self._record(delivery, DeliveryOutcome.DROPPED,
-                         "Dropped: the notification is disabled after repeated failures")
-            await self._outbox.complete(delivery)
-            await self._let_next_out(target, lane)
+            await self._went_without_attempt(delivery, target,
+                                             "Dropped: the notification is disabled after repeated failures")
             return
         hold = self.gate(notification, delivery) if self.gate is not None else None
         if hold is not None:
             if hold.drop:
-                self._record(delivery, DeliveryOutcome.DROPPED, hold.message)
-                await self._outbox.complete(delivery)
+                await self._went_without_attempt(delivery, target, hold.message)
             else:
                 await self._outbox.postpone(delivery, hold.delay)  # no attempt: nothing to count or write
-            await self._let_next_out(target, lane)
+                await self._let_next_out(target, delivery.key)
             return
 
         # A notification whose last attempt failed makes one attempt at a time: Quay's three failures
         # then mean three attempts, not as many as were in flight when the third one failed.
-        lanes = (target, lane) if self._book.failures(delivery.key) else (target,)
+        lanes = (target, failing_lane(delivery.key)) if self._book.failures(delivery.key) else (target,)
         full = target if self._per_target[target] >= self._settings.per_target else \
-            lane if len(lanes) > 1 and self._per_target[lane] else None
+            lanes[1] if len(lanes) > 1 and self._per_target[lanes[1]] else None
         if full is not None:
             self._parked.setdefault(full, collections.deque()).append(delivery)  # this worker goes on
             return
@@ -277,7 +270,7 @@ class Dispatcher:
             return
         disabled = self._book.record_attempt(delivery.key, result.ok)
         if result.ok:  # not failing any more: what waited for its one attempt at a time goes now
-            self._let_all_out(failing_lane(delivery.key))
+            self._let_all_out(delivery.key)
 
         if result.ok:
             self._record(delivery, DeliveryOutcome.SUCCEEDED, result.message, result, duration_ms)
@@ -313,17 +306,29 @@ class Dispatcher:
                 self._record(delivery, DeliveryOutcome.RETRYING, f"{UNEXPECTED_ERROR}; retrying in {delay:.1f}s")
             await self._outbox.retry_later(delivery, delay)
 
-    async def _let_next_out(self, *lanes: str) -> None:
+    async def _went_without_attempt(self, delivery: PendingDelivery, target: str | None,
+                                    dropped: str | None) -> None:
+        """Record the delivery as Dropped with this message (None: nothing to record it in) and remove it."""
+        if dropped is not None:
+            self._record(delivery, DeliveryOutcome.DROPPED, dropped)
+        await self._outbox.complete(delivery)
+        await self._let_next_out(target, delivery.key)
+
+    async def _let_next_out(self, target: str | None, key: NotificationKey) -> None:
         """
-        A delivery went without an attempt. It may have been let out of a lane's queue by an attempt that
-        ended, to go next: if nothing is in flight there now, nothing else would let the next one out.
+        A delivery went without an attempt. It may have been let out of a lane's queue (its target's or its
+        failing notification's) by an attempt that ended, to go next: if nothing is in flight there now,
+        nothing else would let the next one out.
         """
-        for lane in lanes:
-            if self._parked.get(lane) and not self._per_target[lane]:
+        if not self._parked:  # nothing waits anywhere (the usual case)
+            return
+        for lane in (target, failing_lane(key)):
+            if lane is not None and self._parked.get(lane) and not self._per_target[lane]:
                 await self._unpark(lane)
 
-    def _let_all_out(self, lane: str) -> None:
-        parked = self._parked.pop(lane, None)
+    def _let_all_out(self, key: NotificationKey) -> None:
+        """The notification is not failing: every delivery that waited for its one attempt at a time goes."""
+        parked = self._parked.pop(failing_lane(key), None) if self._parked else None
         if parked:
             self._outbox.put_back(parked)
 
