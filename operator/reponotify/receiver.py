@@ -89,6 +89,15 @@ def idempotency_key_problem(key: str | None) -> str | None:
     return f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
 
 
+def quay_key(key: str | None) -> str | None:
+    """
+    An ``Idempotency-Key`` of Quay's events as the outbox keeps it: the same on ``/v1/events`` and on
+    ``/v1/sources/quay`` (the same events), and apart from the other sources' keys
+    ("distribution:event:<id>"), so that a client's key cannot claim a registry's event.
+    """
+    return None if key is None else f'quay:{key}'
+
+
 UNAUTHORIZED = "missing or wrong credentials (Authorization: Bearer <token>, or X-Signature: sha256=<hmac>)"
 
 
@@ -209,10 +218,7 @@ async def post_event(request: web.Request) -> web.Response:
     if problem:
         return error(422, problem, 'invalid_payload')
 
-    # Kept as the quay source keeps its keys (/v1/sources/quay: the same events, the same keys), apart from
-    # the other sources' ("distribution:event:<id>"): a client's key must not claim a registry's event.
-    stored_key = f'quay:{idempotency_key}' if idempotency_key is not None else None
-    accepted = await request.app[ENGINE].ingest(kind, payload, idempotency_key=stored_key)
+    accepted = await request.app[ENGINE].ingest(kind, payload, idempotency_key=quay_key(idempotency_key))
     headers = {'Idempotent-Replayed': 'true'} if accepted.replayed else None
     return web.json_response({'id': accepted.id, 'matched': accepted.matched}, status=202, headers=headers)
 

@@ -10,7 +10,7 @@ body does not name it. An ``Idempotency-Key`` header is honoured as on ``/v1/eve
 from typing import Any
 
 from reponotify.config import SourceSettings
-from reponotify.receiver import payload_problem
+from reponotify.receiver import payload_problem, quay_key
 from reponotify.sources.common import Malformed, Normalised, SourceEvent
 
 
@@ -18,4 +18,4 @@ def normalise(kind: str, body: Any, settings: SourceSettings, idempotency_key: s
     problem = payload_problem(body)
     if problem:
         raise Malformed(problem)
-    return Normalised(events=[SourceEvent(kind, dict(body), idempotency_key and f"quay:{idempotency_key}")])
+    return Normalised(events=[SourceEvent(kind, dict(body), quay_key(idempotency_key))])
