@@ -141,23 +141,21 @@ def test_distribution_registry_host_and_homepage_are_configurable() -> None:
     assert event.payload['homepage'] == 'https://ui.example.com/repositories/acme/web'
 
 
-def test_distribution_host_falls_back_to_target_url_and_ignores_junk_hosts() -> None:
+@pytest.mark.parametrize('host, url, docker_url, homepage', [
+    # A junk request host: the host of the target's URL.
+    ('evil.example/<script>', 'https://registry.example.com:5000/v2/acme/web/manifests/sha256:abc',
+     'registry.example.com:5000/acme/web', 'https://registry.example.com:5000/v2/acme/web/tags/list'),
+    # A URL urlsplit refuses ("http://[::1" raised): the request host, and no error.
+    ('registry.example.com', 'http://[::1',
+     'registry.example.com/acme/web', 'https://registry.example.com/v2/acme/web/tags/list'),
+], ids=['junk host', 'unparsable url'])
+def test_distribution_host_falls_back_and_ignores_junk(host: str, url: str, docker_url: str, homepage: str) -> None:
     event = push_event('e1', 'v1')
-    event['request']['host'] = 'evil.example/<script>'
-    event['target']['url'] = 'https://registry.example.com:5000/v2/acme/web/manifests/sha256:abc'
+    event['request']['host'] = host
+    event['target']['url'] = url
     [normalised] = distribution.normalise(envelope_of(event), DEFAULTS).events
-    assert normalised.payload['docker_url'] == 'registry.example.com:5000/acme/web'
-    assert normalised.payload['homepage'] == 'https://registry.example.com:5000/v2/acme/web/tags/list'
-
-
-def test_distribution_an_unparsable_target_url_is_ignored_not_an_error() -> None:
-    """urlsplit raises on some URLs ("http://[::1"): the push still goes, its host taken from elsewhere."""
-    event = push_event('e1', 'v1')
-    event['request']['host'] = 'registry.example.com'
-    event['target']['url'] = 'http://[::1'
-    [normalised] = distribution.normalise(envelope_of(event), DEFAULTS).events
-    assert normalised.payload['docker_url'] == 'registry.example.com/acme/web'
-    assert normalised.payload['homepage'] == 'https://registry.example.com/v2/acme/web/tags/list'
+    assert normalised.payload['docker_url'] == docker_url
+    assert normalised.payload['homepage'] == homepage
 
 
 @pytest.mark.parametrize('repository, tag, reason', [

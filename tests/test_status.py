@@ -111,15 +111,21 @@ class RecordingSink:
 ACCEPTED = ReadyCondition('True', 'Accepted', 'ok')
 
 
-async def test_a_deleted_notification_held_back_by_the_interval_is_not_written_nor_brought_back() -> None:
-    """Its change waited for the interval when it was deleted: no write for it, and no entry made again."""
+async def written_once(*names: str) -> tuple[StatusBook, RecordingSink, StatusFlusher, list[NotificationKey]]:
+    """Accepted notifications, each status written once by a flusher with a long interval."""
     book = StatusBook()
     sink = RecordingSink()
     flusher = StatusFlusher(book, sink, min_interval=60.0)
-    kept, gone = NotificationKey('default', 'kept'), NotificationKey('default', 'gone')
-    for key in (kept, gone):
+    keys = [NotificationKey('default', name) for name in names]
+    for key in keys:
         book.set_spec_condition(key, ACCEPTED)
     await flusher.flush(force=False)
+    return book, sink, flusher, keys
+
+
+async def test_a_deleted_notification_held_back_by_the_interval_is_not_written_nor_brought_back() -> None:
+    """Its change waited for the interval when it was deleted: no write for it, and no entry made again."""
+    book, sink, flusher, (kept, gone) = await written_once('kept', 'gone')
     for key in (kept, gone):
         book.record_attempt(key, ok=False)  # changed again within the interval: held back
     await flusher.flush(force=False)
@@ -134,13 +140,7 @@ async def test_a_deleted_notification_held_back_by_the_interval_is_not_written_n
 
 async def test_writing_some_statuses_now_leaves_the_others_to_their_interval() -> None:
     """A front end writes the status of the resource it handled now; the others still wait for their interval."""
-    book = StatusBook()
-    sink = RecordingSink()
-    flusher = StatusFlusher(book, sink, min_interval=60.0)
-    busy, applied = NotificationKey('default', 'busy'), NotificationKey('default', 'applied')
-    for key in (busy, applied):
-        book.set_spec_condition(key, ACCEPTED)
-    await flusher.flush(force=False)
+    book, sink, flusher, (busy, applied) = await written_once('busy', 'applied')
     assert sink.written == ['applied', 'busy']
     book.record_attempt(busy, ok=True)  # a delivery within the interval: held back
     book.set_spec_condition(applied, ReadyCondition('False', 'Suspended', 'spec.suspend is true'))  # re-applied
