@@ -192,6 +192,18 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
             raise
         engine.admit(notification)  # Accepted, or EmailNotVerified until its address is verified
 
+    async def handle(key: NotificationKey, spec: dict[str, Any], generation: int | None) -> None:
+        """``apply`` for a handler: kopf retries a missing Secret; the status is written at once either way."""
+        try:
+            await apply(key, spec, generation)
+        except SecretNotFound as exc:
+            raise kopf.TemporaryError(str(exc), delay=options.secret_retry_delay) from None
+        except SpecError:
+            pass  # recorded in the Ready condition: a person has to change something
+        finally:
+            engine.dispatcher.release(key)  # its deliveries held since a restart go on, as it now is
+            await engine.flush_status(key)
+
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, field='spec', registry=registry)
@@ -200,15 +212,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         key = NotificationKey(namespace, name)
         engine.book.seed(key, dict(status))
         specs[key] = (dict(spec), meta.get('generation'))
-        try:
-            await apply(key, dict(spec), meta.get('generation'))
-        except SecretNotFound as exc:
-            raise kopf.TemporaryError(str(exc), delay=options.secret_retry_delay) from None
-        except SpecError:
-            pass  # recorded in the Ready condition: a person has to change something
-        finally:
-            engine.dispatcher.release(key)  # its deliveries held since a restart go on, as it now is
-            await engine.flush_status(key)
+        await handle(key, dict(spec), meta.get('generation'))
 
     @kopf.on.event('', 'v1', 'namespaces', registry=registry)
     async def namespace_changed(type: str, body: kopf.Body, name: str, **_: Any) -> None:
@@ -258,14 +262,7 @@ def build_registry(options: OperatorSettings, engine: Engine | None = None) -> k
         known = specs.get(key)
         if not new or known is None:  # removed, or not handled yet (handling it reads its Secrets)
             return
-        try:
-            await apply(key, *known)
-        except SecretNotFound as exc:
-            raise kopf.TemporaryError(str(exc), delay=options.secret_retry_delay) from None
-        except SpecError:
-            pass  # recorded in the Ready condition
-        finally:
-            await engine.flush_status(key)
+        await handle(key, *known)
         post_event_later(key, 'Normal', 'Refreshed', "Secrets read again (the reponotify.dev/refresh annotation)")
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
